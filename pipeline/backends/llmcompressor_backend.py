@@ -1,0 +1,95 @@
+"""llm-compressor backend: `oneshot` with modifiers built from the recipe; writes compressed-tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.recipe import QuantizeSpec
+
+
+def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
+    """`scheme=` for a plain preset, or `config_groups=` when single arguments are overridden."""
+    common = {"targets": spec.targets, "ignore": spec.ignore}
+    if spec.group_size is None and spec.symmetric is None:
+        return {**common, "scheme": spec.scheme}
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    scheme = preset_name_to_scheme(spec.scheme, spec.targets)
+    if spec.group_size is not None:
+        scheme.weights.group_size = spec.group_size
+    if spec.symmetric is not None:
+        scheme.weights.symmetric = spec.symmetric
+    return {**common, "config_groups": {"group_0": scheme}}
+
+
+def build_modifiers(spec: QuantizeSpec) -> list[Any]:
+    """The llm-compressor modifier list for method + scheme (+ optional SmoothQuant)."""
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    modifiers: list[Any] = []
+    if spec.smoothquant_strength is not None:
+        modifiers.append(SmoothQuantModifier(smoothing_strength=spec.smoothquant_strength))
+    if spec.method == "awq":
+        modifiers.append(AWQModifier())
+    if spec.method == "gptq":
+        extra: dict[str, Any] = {}
+        if spec.dampening_frac is not None:
+            extra["dampening_frac"] = spec.dampening_frac
+        if spec.actorder is not None:
+            extra["actorder"] = spec.actorder
+        modifiers.append(GPTQModifier(**scheme_arguments(spec), **extra))
+    else:
+        modifiers.append(QuantizationModifier(**scheme_arguments(spec)))
+    return modifiers
+
+
+@contextmanager
+def cpu_pinning_disabled() -> Iterator[None]:
+    """llm-compressor 0.14 AWQ pins cached activations for faster host-to-device copies, which fails
+    ("Cannot access accelerator device when none is available") on CPU-only torch. Without an
+    accelerator there is no copy to speed up, so pinning becomes a no-op for the duration."""
+    if torch.accelerator.is_available():
+        yield
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+class Backend:
+    """Quantizes in memory with `oneshot`; `save` writes compressed safetensors + quantization_config."""
+
+    def describe(self, spec: QuantizeSpec) -> dict[str, Any]:
+        return {"modifiers": [type(m).__name__ for m in build_modifiers(spec)], "format": "compressed-tensors"}
+
+    def quantize(self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int) -> Any:
+        from llmcompressor import oneshot
+
+        torch.manual_seed(seed)
+        kwargs: dict[str, Any] = {}
+        if calibration is not None:
+            kwargs = {
+                "dataset": calibration,
+                "num_calibration_samples": len(calibration),
+                "shuffle_calibration_samples": False,  # the calibrate stage already shuffled with the seed
+                "batch_size": spec.batch_size,
+                "max_seq_length": max(len(ids) for ids in calibration["input_ids"]),
+            }
+        with cpu_pinning_disabled():
+            return oneshot(model=model, processor=tokenizer, recipe=build_modifiers(spec), **kwargs)
+
+    def save(self, model: Any, tokenizer: Any, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir), save_compressed=True)
+        tokenizer.save_pretrained(str(out_dir))

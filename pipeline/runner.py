@@ -1,0 +1,215 @@
+"""Runs a recipe's stages in order, skipping those whose inputs' fingerprint matches a finished record."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.atomic import write_text_atomic
+from pipeline.errors import GateFailed
+from pipeline.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
+from pipeline.model_source import ModelSource, model_fingerprint, resolve_model
+from pipeline.recipe import Recipe, recipe_yaml
+from pipeline.resources import ResourceMonitor
+from pipeline.run_context import LOGGER_NAME, RunContext
+
+STAGE_NAMES = ("calibrate", "quantize", "export", "eval", "smoke")
+log = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: its runner and the run-dir path whose presence lets a finished record be trusted."""
+
+    name: str
+    run: Callable[[Recipe, RunContext], dict[str, Any]]
+    output: str | None
+
+
+def _stages() -> dict[str, Stage]:
+    from pipeline.calibrate import run_calibrate
+    from pipeline.evaluate import run_eval
+    from pipeline.export import run_export
+    from pipeline.quantize import run_quantize
+    from pipeline.smoke import run_smoke
+
+    return {
+        "calibrate": Stage("calibrate", run_calibrate, "calibration"),
+        "quantize": Stage("quantize", run_quantize, None),
+        "export": Stage("export", run_export, "model/config.json"),
+        "eval": Stage("eval", run_eval, "reports/eval.json"),
+        "smoke": Stage("smoke", run_smoke, "reports/smoke.json"),
+    }
+
+
+def parse_steps(steps: str | None) -> list[str]:
+    from pipeline.errors import PipelineError
+
+    if not steps:
+        return list(STAGE_NAMES)
+    chosen = [s.strip() for s in steps.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGE_NAMES]
+    if unknown:
+        raise PipelineError(f"--steps: unknown stage {unknown[0]!r}; use a comma list of {','.join(STAGE_NAMES)}")
+    return [s for s in STAGE_NAMES if s in chosen]
+
+
+def run_directory(recipe: Recipe, source: ModelSource, output: Path | None) -> Path:
+    root = output or Path(recipe.export.output_dir)
+    return root / source.slug / f"{recipe.name}-{recipe.artifact_hash()}"
+
+
+def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]:
+    """Each stage's fingerprint chains its upstream's, so a changed input re-runs everything after it."""
+    from transformers import AutoTokenizer
+
+    from pipeline.calibrate import calibration_fingerprint
+    from pipeline.quantize import recipe_needs_calibration
+
+    versions = library_versions()
+    calib = None
+    if recipe_needs_calibration(recipe):
+        tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=recipe.model.trust_remote_code)
+        calib = calibration_fingerprint(recipe, tokenizer)
+    engine = {k: versions.get(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors")}
+    quant = fingerprint("quantize/v1", ctx.model_fingerprint, calib, recipe.model.dtype, recipe.quantize, engine)
+    export = fingerprint("export/v1", quant, recipe.export)
+    return {
+        "calibrate": calib,
+        "quantize": quant,
+        "export": export,
+        "eval": fingerprint("eval/v1", export, recipe.eval),
+        "smoke": fingerprint("smoke/v1", export, recipe.smoke),
+    }
+
+
+def _is_fresh(ctx: RunContext, stage: Stage, fp: str | None) -> bool:
+    record = ctx.manifest.stages.get(stage.name)
+    if record is None or record.status != "done" or record.fingerprint != fp:
+        return False
+    return stage.output is None or (ctx.run_dir / stage.output).exists()
+
+
+def _execute(stage: Stage, recipe: Recipe, ctx: RunContext, fp: str | None) -> StageRecord:
+    log.info("%s: running", stage.name)
+    started = now_iso()
+    with ResourceMonitor() as monitor:
+        outputs = stage.run(recipe, ctx)
+    note = outputs.pop("_note", None)
+    status = outputs.pop("_status", "done")
+    return StageRecord(
+        status=status,
+        fingerprint=fp,
+        started=started,
+        wall_s=round(monitor.wall_s, 3),
+        peak_rss_mb=round(monitor.peak_rss_mb, 1),
+        peak_gpu_mb=round(monitor.peak_gpu_mb, 1) if monitor.peak_gpu_mb is not None else None,
+        inputs={"model": ctx.source.identity, "model_fingerprint": ctx.model_fingerprint},
+        outputs=outputs,
+        versions=library_versions(),
+        note=note,
+    )
+
+
+def _plan(recipe: Recipe, steps: list[str], ctx: RunContext, fps: dict[str, str | None], force: bool) -> list[str]:
+    """Which requested stages must run; quantize is in-memory, so it runs exactly when export does."""
+    stages = _stages()
+    todo = [s for s in steps if force or not _is_fresh(ctx, stages[s], fps[s])]
+    if fps["calibrate"] is None:
+        todo = [s for s in todo if s != "calibrate"]
+    if "export" in todo and "quantize" not in todo:
+        todo.insert(todo.index("export"), "quantize")
+    calib_stale = fps["calibrate"] is not None and not _is_fresh(ctx, stages["calibrate"], fps["calibrate"])
+    if "quantize" in todo and calib_stale and "calibrate" not in todo:
+        todo.insert(0, "calibrate")
+    if "export" in todo:  # downstream of a new export must be redone too
+        todo += [s for s in ("eval", "smoke") if s in steps and s not in todo]
+    return [s for s in STAGE_NAMES if s in todo]
+
+
+def _open_context(recipe: Recipe, recipe_source: Path, output: Path | None) -> RunContext:
+    source = resolve_model(recipe.model)
+    final = run_directory(recipe, source, output)
+    run_dir = final if final.exists() else final.with_name(final.name + ".partial")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.load(run_dir / "manifest.json") or Manifest(
+        qpipe_version=__version__,
+        recipe=recipe.name,
+        recipe_hash=recipe.artifact_hash(),
+        recipe_source=str(recipe_source),
+    )
+    manifest.status = "running"
+    manifest.command = Manifest.model_fields["command"].default_factory()
+    ctx = RunContext(recipe, source, model_fingerprint(source), run_dir, manifest)
+    manifest.model = {
+        "identity": source.identity,
+        "kind": source.kind,
+        "path": str(source.path),
+        "revision": source.revision,
+        "fingerprint": ctx.model_fingerprint,
+    }
+    write_text_atomic(run_dir / "recipe.yaml", recipe_yaml(recipe))
+    ctx.save_manifest()
+    return ctx
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def _finalize(ctx: RunContext) -> None:
+    """Mark complete and move <name>.partial to <name> so only finished runs look finished."""
+    ctx.manifest.status = "complete"
+    ctx.save_manifest()
+    if ctx.run_dir.name.endswith(".partial"):
+        final = ctx.run_dir.with_name(ctx.run_dir.name.removesuffix(".partial"))
+        os.replace(ctx.run_dir, final)
+        ctx.run_dir = final
+
+
+def run_pipeline(
+    recipe: Recipe, recipe_source: Path, steps: list[str], force: bool = False, output: Path | None = None
+) -> RunContext:
+    """Run (or resume) the recipe; returns the context whose manifest records every stage.
+
+    A failed quality gate is recorded (manifest `gate: failed`, artifact kept) and raised after the
+    remaining stages ran, so the exit code says so."""
+    ctx = _open_context(recipe, recipe_source, output)
+    handler = _attach_log_file(ctx.run_dir)
+    try:
+        fps = stage_fingerprints(recipe, ctx)
+        todo = _plan(recipe, steps, ctx, fps, force)
+        stages = _stages()
+        if fps["calibrate"] is None and "calibrate" in steps:
+            ctx.manifest.stages["calibrate"] = StageRecord(status="not-needed", note="scheme needs no calibration")
+        for name in steps:
+            if name not in todo and fps[name] is not None:
+                log.info("%s: up to date (fingerprint %s), skipped", name, fps[name][:12])
+        for name in todo:
+            try:
+                record = _execute(stages[name], recipe, ctx, fps[name])
+            except BaseException:
+                ctx.manifest.stages[name] = StageRecord(status="failed", fingerprint=fps[name], started=now_iso())
+                ctx.manifest.status = "failed"
+                ctx.save_manifest()
+                raise
+            ctx.manifest.stages[name] = record
+            if name == "eval" and "gate" in record.outputs:
+                ctx.manifest.gate = record.outputs["gate"]
+            ctx.save_manifest()
+        _finalize(ctx)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    if ctx.manifest.gate == "failed":
+        raise GateFailed(f"eval: quality gate failed; artifact kept at {ctx.run_dir} (manifest gate: failed)")
+    return ctx
