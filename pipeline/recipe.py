@@ -77,8 +77,9 @@ class QuantizeSpec(Strict):
                 )
         if self.method == "awq" and not (info.weight_only and info.weight_type == "int"):
             raise ValueError(f"method: awq needs an integer weight-only scheme (W4A16, W4A16_ASYM); got {self.scheme}")
-        if self.method != "gptq" and (self.actorder is not None or self.dampening_frac is not None):
-            raise ValueError(f"actorder/dampening_frac: only apply to method gptq; got method {self.method}")
+        for gptq_only in ("actorder", "dampening_frac"):
+            if self.method != "gptq" and getattr(self, gptq_only) is not None:
+                raise ValueError(f"{gptq_only}: only applies to method gptq; remove it for method {self.method}")
         if self.smoothquant_strength is not None and info.weight_only:
             raise ValueError(
                 f"smoothquant_strength: SmoothQuant needs a scheme that quantizes activations; got {self.scheme}"

@@ -1,0 +1,45 @@
+# The two commands that matter: `make quantize RECIPE=awq` and `make test`. Both build their own environment.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+RECIPE ?= awq
+MODEL ?=
+SET ?=
+OUTPUT ?=
+ARGS ?=
+QPIPE := $(VENV)/bin/qpipe
+RUN_ARGS = $(if $(MODEL),--model $(MODEL)) $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
+
+.PHONY: venv quantize validate recipes demo-model test lint clean
+
+venv: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+quantize: venv  ## run a recipe: make quantize RECIPE=awq [MODEL=org/name] [SET='k=v ...']
+	$(QPIPE) run $(RECIPE) $(RUN_ARGS)
+
+validate: venv  ## check a recipe without loading a model
+	$(QPIPE) validate $(RECIPE) $(RUN_ARGS)
+
+recipes: venv
+	$(QPIPE) recipes
+
+demo-model: venv  ## build (once per machine) the embedded demo model
+	$(QPIPE) demo-model
+
+lint: venv
+	$(VENV)/bin/ruff check pipeline tests
+	$(VENV)/bin/ruff format --check pipeline tests
+
+test: venv  ## lint + the whole test suite (unit + end-to-end on the demo model)
+	$(VENV)/bin/ruff check pipeline tests
+	$(VENV)/bin/pytest -q tests
+
+clean:
+	rm -rf artifacts .pytest_cache

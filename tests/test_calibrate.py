@@ -1,0 +1,128 @@
+"""Calibration loaders (each file type, chat template), seeded selection and fingerprint stability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.calibrate import calibration_fingerprint, dataset_identity, run_calibrate, select_texts
+from pipeline.errors import PipelineError
+from pipeline.manifest import Manifest
+from pipeline.model_source import ModelSource
+from pipeline.recipe import CalibrateSpec, load_recipe
+from pipeline.run_context import RunContext
+
+TEXTS = [f"sample number {i} says hello to value {i * 7}" for i in range(20)]
+
+
+@pytest.fixture()
+def tokenizer(tiny_tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_selects_n_seeded(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS])
+    spec = CalibrateSpec(dataset=str(data), num_samples=5, seed=1)
+    first = select_texts(spec, tokenizer)
+    assert len(first) == 5 and set(first) <= set(TEXTS)
+    assert select_texts(spec, tokenizer) == first
+    assert select_texts(spec.model_copy(update={"seed": 2}), tokenizer) != first
+
+
+def test_parquet_loader(tmp_path: Path, tokenizer) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": TEXTS}), tmp_path / "c.parquet")
+    spec = CalibrateSpec(dataset=str(tmp_path / "c.parquet"), text_field="body", num_samples=50)
+    assert sorted(select_texts(spec, tokenizer)) == sorted(TEXTS)
+
+
+def test_txt_loader_splits_paragraphs(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "c.txt").write_text("first paragraph\nstill first\n\nsecond one\n\n\nthird\n")
+    spec = CalibrateSpec(dataset=str(tmp_path / "c.txt"), num_samples=10)
+    texts = select_texts(spec, tokenizer)
+    assert len(texts) == 3
+    assert any("still first" in t for t in texts)
+
+
+def test_folder_of_files(tmp_path: Path, tokenizer) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS[:10]])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in TEXTS[10:]])
+    spec = CalibrateSpec(dataset=str(tmp_path), num_samples=100)
+    assert len(select_texts(spec, tokenizer)) == 20
+
+
+def test_chat_messages_use_template(tmp_path: Path, tokenizer) -> None:
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": t}]} for t in TEXTS]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    spec = CalibrateSpec(dataset=str(data), messages_field="messages", num_samples=3)
+    texts = select_texts(spec, tokenizer)
+    assert all(t.startswith("<|im_start|>user\nhi<|im_end|>") for t in texts)
+
+
+def test_chat_template_on_plain_text(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS])
+    spec = CalibrateSpec(dataset=str(data), chat_template=True, num_samples=2)
+    assert all(t.startswith("<|im_start|>user\nsample number") for t in select_texts(spec, tokenizer))
+
+
+def test_chat_template_missing_is_clear(tmp_path: Path, tokenizer) -> None:
+    tokenizer.chat_template = None
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS])
+    with pytest.raises(PipelineError, match="calibrate.chat_template: the model's tokenizer has no chat template"):
+        select_texts(CalibrateSpec(dataset=str(data), chat_template=True), tokenizer)
+
+
+def test_empty_dataset_is_an_error(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": ""}, {"text": ""}])
+    with pytest.raises(PipelineError, match="no non-empty 'text' samples"):
+        select_texts(CalibrateSpec(dataset=str(data)), tokenizer)
+
+
+def test_wrong_field_names_columns(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", [{"body": t} for t in TEXTS])
+    with pytest.raises(PipelineError, match="calibrate.text_field: 'text' is not a column .*body"):
+        select_texts(CalibrateSpec(dataset=str(data)), tokenizer)
+
+
+def test_missing_file_and_bad_suffix(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="does not exist"):
+        dataset_identity(CalibrateSpec(dataset=str(tmp_path / "none.jsonl")))
+    (tmp_path / "x.csv").write_text("a\n")
+    with pytest.raises(PipelineError, match="unsupported file type"):
+        dataset_identity(CalibrateSpec(dataset=str(tmp_path / "x.csv")))
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path: Path, tokenizer) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS])
+    recipe, _ = load_recipe("gptq", [f"calibrate.dataset={data}"])
+    fp = calibration_fingerprint(recipe, tokenizer)
+    assert fp == calibration_fingerprint(recipe, tokenizer)
+    for change in ("calibrate.num_samples=3", "calibrate.max_seq_length=16", "calibrate.seed=9"):
+        changed, _ = load_recipe("gptq", [f"calibrate.dataset={data}", change])
+        assert calibration_fingerprint(changed, tokenizer) != fp, change
+    write_jsonl(data, [{"text": t + "!"} for t in TEXTS])
+    assert calibration_fingerprint(recipe, tokenizer) != fp
+
+
+def test_run_calibrate_saves_tokenized_set(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    from datasets import load_from_disk
+
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": t * 5} for t in TEXTS])
+    recipe, _ = load_recipe("gptq", [f"calibrate.dataset={data}", "calibrate.num_samples=8", "calibrate.max_seq_length=12"])
+    manifest = Manifest(qpipe_version="t", recipe="gptq", recipe_hash="x", recipe_source="t")
+    ctx = RunContext(recipe, ModelSource("local", "tiny", tiny_tokenizer_dir, None), "fp", tmp_path / "run", manifest)
+    result = run_calibrate(recipe, ctx)
+    saved = load_from_disk(str(ctx.calibration_dir))
+    assert len(saved) == result["samples"] == 8
+    assert result["max_len"] == 12
+    assert all(len(ids) <= 12 for ids in saved["input_ids"])
