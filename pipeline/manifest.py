@@ -28,7 +28,7 @@ TRACKED_PACKAGES = (
     "huggingface_hub",
 )
 
-StageStatus = Literal["done", "skipped", "failed", "not-needed", "disabled"]
+StageStatus = Literal["done", "skipped", "failed", "not-needed", "disabled", "unsupported"]
 
 
 def now_iso() -> str:

@@ -61,7 +61,12 @@ class QuantizeSpec(Strict):
     smoothquant_strength: float | None = Field(None, gt=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-    batch_size: PositiveInt = Field(1, description="Calibration batch size passed to the engine.")
+    batch_size: PositiveInt = Field(
+        1, description="Calibration batch size; with tuning auto on a GPU, 1 lets the tuned path choose."
+    )
+    tuning: Literal["auto", "off"] = Field(
+        "auto", description="auto: on a CUDA GPU, use the tuned settings of pipeline/tuning.py; off: engine defaults."
+    )
 
     @model_validator(mode="after")
     def _check_combination(self) -> QuantizeSpec:
@@ -126,6 +131,7 @@ class SmokeSpec(Strict):
         ]
     )
     max_tokens: PositiveInt = 32
+    chat_template: bool | None = Field(None, description="Apply the chat template (default: when there is one).")
     agreement_tokens: PositiveInt = 16
     compare_baseline: bool = True
     kv_cache_gib: float = Field(1.0, gt=0)
@@ -241,7 +247,7 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
         return f"{source}: {loc}: required field missing; add it"
     field = re.match(r"^(\w+): ", msg)
     if field and err["type"] == "value_error":
-        loc, msg = f"{loc}.{field.group(1)}" if loc else field.group(1), msg[field.end():]
+        loc, msg = f"{loc}.{field.group(1)}" if loc else field.group(1), msg[field.end() :]
     given = err.get("input")
     shown = "" if isinstance(given, dict) or msg.endswith(str(given)) else f"; got {given!r}"
     return f"{source}: {loc + ': ' if loc else ''}{msg}{shown}"

@@ -116,19 +116,30 @@ def _execute(stage: Stage, recipe: Recipe, ctx: RunContext, fp: str | None) -> S
     )
 
 
-def _plan(recipe: Recipe, steps: list[str], ctx: RunContext, fps: dict[str, str | None], force: bool) -> list[str]:
-    """Which requested stages must run; quantize is in-memory, so it runs exactly when export does."""
+UPSTREAM = {"calibrate": None, "quantize": "calibrate", "export": "quantize", "eval": "export", "smoke": "export"}
+
+
+def _plan(steps: list[str], ctx: RunContext, fps: dict[str, str | None], force: bool) -> list[str]:
+    """Requested stages that are stale (or forced), plus any stale upstream stage they need.
+
+    Quantize hands its model to export in memory, so it is fresh exactly when export is; a stage that
+    re-runs also re-runs its requested downstream stages (their fingerprints chain to it anyway)."""
     stages = _stages()
-    todo = [s for s in steps if force or not _is_fresh(ctx, stages[s], fps[s])]
-    if fps["calibrate"] is None:
-        todo = [s for s in todo if s != "calibrate"]
-    if "export" in todo and "quantize" not in todo:
-        todo.insert(todo.index("export"), "quantize")
-    calib_stale = fps["calibrate"] is not None and not _is_fresh(ctx, stages["calibrate"], fps["calibrate"])
-    if "quantize" in todo and calib_stale and "calibrate" not in todo:
-        todo.insert(0, "calibrate")
-    if "export" in todo:  # downstream of a new export must be redone too
-        todo += [s for s in ("eval", "smoke") if s in steps and s not in todo]
+
+    def fresh(name: str) -> bool:
+        if name == "quantize":
+            return fresh("export")
+        return fps[name] is None or _is_fresh(ctx, stages[name], fps[name])
+
+    todo = {s for s in steps if (force and fps[s] is not None) or not fresh(s)}
+    for name in STAGE_NAMES[::-1]:
+        upstream = UPSTREAM[name]
+        if name in todo and upstream and fps[upstream] is not None and not fresh(upstream):
+            todo.add(upstream)
+    if "export" in todo:
+        todo.add("quantize")
+    if "quantize" in todo:
+        todo |= {s for s in ("export", "eval", "smoke") if s in steps}
     return [s for s in STAGE_NAMES if s in todo]
 
 
@@ -187,7 +198,7 @@ def run_pipeline(
     handler = _attach_log_file(ctx.run_dir)
     try:
         fps = stage_fingerprints(recipe, ctx)
-        todo = _plan(recipe, steps, ctx, fps, force)
+        todo = _plan(steps, ctx, fps, force)
         stages = _stages()
         if fps["calibrate"] is None and "calibrate" in steps:
             ctx.manifest.stages["calibrate"] = StageRecord(status="not-needed", note="scheme needs no calibration")

@@ -16,6 +16,7 @@ class SchemeInfo:
     symmetric: bool
     activations: str | None  # None (weight-only), "dynamic" or "static"
     default_min_recovery: float
+    vllm_scheme: str  # part of the vLLM compressed-tensors scheme class name that serves it
 
     @property
     def weight_only(self) -> bool:
@@ -25,12 +26,12 @@ class SchemeInfo:
 SCHEMES: dict[str, SchemeInfo] = {
     s.name: s
     for s in (
-        SchemeInfo("W4A16", "int", 4, True, True, None, 0.96),
-        SchemeInfo("W4A16_ASYM", "int", 4, True, False, None, 0.96),
-        SchemeInfo("W8A16", "int", 8, True, True, None, 0.98),
-        SchemeInfo("W8A8", "int", 8, False, True, "dynamic", 0.98),
-        SchemeInfo("FP8_DYNAMIC", "float", 8, False, True, "dynamic", 0.99),
-        SchemeInfo("FP8", "float", 8, False, True, "static", 0.99),
+        SchemeInfo("W4A16", "int", 4, True, True, None, 0.96, "WNA16"),
+        SchemeInfo("W4A16_ASYM", "int", 4, True, False, None, 0.96, "WNA16"),
+        SchemeInfo("W8A16", "int", 8, True, True, None, 0.98, "WNA16"),
+        SchemeInfo("W8A8", "int", 8, False, True, "dynamic", 0.98, "W8A8Int8"),
+        SchemeInfo("FP8_DYNAMIC", "float", 8, False, True, "dynamic", 0.99, "W8A8Fp8"),
+        SchemeInfo("FP8", "float", 8, False, True, "static", 0.99, "W8A8Fp8"),
     )
 }
 

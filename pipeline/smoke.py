@@ -1,13 +1,181 @@
-"""Smoke stage: load the exported artifact in vLLM (own environment, subprocess) and generate."""
+"""Smoke stage: load the exported artifact in vLLM (own environment, subprocess) and generate.
+
+vLLM pins its own torch and compressed-tensors, so it runs from `.venv-vllm` through
+`pipeline/vllm_worker.py`, one JSON request in and one JSON result out, bounded by a timeout.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from pipeline.recipe import Recipe
+from pipeline.atomic import write_json_atomic
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.manifest import fingerprint
+from pipeline.recipe import PROJECT_ROOT, Recipe, SmokeSpec
 from pipeline.run_context import RunContext
+from pipeline.schemes import SCHEMES
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+
+
+def vllm_env_path() -> Path:
+    """`$QPIPE_VLLM_ENV`, else `.venv-vllm` at the project root."""
+    return Path(os.environ.get("QPIPE_VLLM_ENV") or PROJECT_ROOT / ".venv-vllm")
+
+
+def vllm_python(spec: SmokeSpec) -> Path:
+    from pipeline.vllm_env import VllmEnvError, ensure_vllm_env
+
+    try:
+        return ensure_vllm_env(vllm_env_path(), spec.vllm)
+    except VllmEnvError as exc:
+        raise PipelineError(f"smoke.vllm: cannot set up the vLLM environment ({exc}); see `make vllm-env`") from None
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the checkpoint's tokenizer ships a chat template."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    return config.is_file() and "chat_template" in json.loads(config.read_text())
+
+
+def run_worker(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
+    """Run the worker on `model_dir`; a crash or timeout becomes a one-line StageFailed (log kept)."""
+    request = {
+        "model": str(model_dir),
+        "prompts": spec.prompts,
+        "max_tokens": spec.max_tokens,
+        "chat_template": has_chat_template(model_dir) if spec.chat_template is None else spec.chat_template,
+        "kv_cache_gib": spec.kv_cache_gib,
+        "max_model_len": spec.max_model_len,
+    }
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, log_file.open("w") as log:
+        request_file = Path(tmp) / "request.json"
+        request_file.write_text(json.dumps(request))
+        proc = subprocess.Popen(
+            [str(python), str(WORKER), str(request_file)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,  # vLLM spawns engine processes: kill the whole group on timeout
+        )
+        try:
+            out, _ = proc.communicate(timeout=spec.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise StageFailed(
+                f"smoke: vLLM did not finish within smoke.timeout_s={spec.timeout_s} s on {model_dir}; log: {log_file}"
+            ) from None
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise StageFailed(
+            f"smoke: the vLLM worker died (exit {proc.returncode}) without a result on {model_dir}; log: {log_file}"
+        ) from None
+
+
+def baseline_result(python: Path, ctx: RunContext, spec: SmokeSpec) -> dict[str, Any]:
+    """The unquantized model through vLLM, cached by model content and smoke settings."""
+    from pipeline.evaluate import cache_root
+
+    key = fingerprint("smoke-baseline/v1", ctx.model_fingerprint, spec.model_dump(exclude={"compare_baseline"}))
+    path = cache_root() / "smoke-baselines" / f"{key[:24]}.json"
+    if path.is_file():
+        return {**json.loads(path.read_text()), "cached": True}
+    result = run_worker(python, ctx.source.path, spec, ctx.logs_dir / "smoke-baseline.log")
+    if result.get("status") == "ok":
+        write_json_atomic(path, result)
+    return {**result, "cached": False}
+
+
+def token_agreement(quant: dict[str, Any], base: dict[str, Any], k: int) -> float:
+    """Share of the first `k` greedy tokens (per prompt) equal between quantized and baseline."""
+    same = total = 0
+    for q, b in zip(quant["generations"], base["generations"], strict=True):
+        for qt, bt in zip(q["token_ids"][:k], b["token_ids"][:k], strict=False):
+            same += qt == bt
+            total += 1
+    return same / total if total else 0.0
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_result(result: dict[str, Any], recipe: Recipe) -> list[str]:
+    """Problems with a loaded quantized model: wrong method, unquantized layers, empty or NaN output."""
+    problems = []
+    quant = result.get("quantization") or {}
+    if quant.get("method") != "compressed-tensors":
+        problems.append(f"vLLM loaded it as {quant.get('method')!r}, not compressed-tensors")
+    expected = SCHEMES[recipe.quantize.scheme].vllm_scheme
+    if not any(expected in name for name in quant.get("layer_schemes", {})):
+        problems.append(f"no layer uses a {expected} scheme (got {sorted(quant.get('layer_schemes', {}))})")
+    if any(not g["text"].strip() and not g["token_ids"] for g in result.get("generations", [])):
+        problems.append("a prompt produced no output")
+    if result.get("nonfinite_logprobs"):
+        problems.append("NaN/inf logprobs in the output")
+    return problems
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def figures(result: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    timings = result.get("timings", {})
+    return {
+        "load_s": timings.get("load_s"),
+        "ttft_s": timings.get("ttft_s"),
+        "tokens_per_s": (result.get("throughput") or {}).get("tokens_per_s"),
+        "peak_rss_mb": round(result.get("peak_rss_bytes", 0) / 2**20, 1),
+        "size_bytes": dir_size(model_dir),
+    }
 
 
 def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
-    ctx.log.info("smoke: not implemented yet, skipped")
-    return {"_status": "disabled", "_note": "not implemented yet"}
+    """Load quantized (and baseline) in vLLM, check method and outputs, write reports/smoke.json."""
+    spec = recipe.smoke
+    if not spec.enabled:
+        return {"_status": "disabled", "_note": "smoke.enabled is false"}
+    python = vllm_python(spec)
+    quant = run_worker(python, ctx.model_dir, spec, ctx.logs_dir / "smoke-quantized.log")
+    report: dict[str, Any] = {"status": quant["status"], "quantized": quant}
+    if quant["status"] == "unsupported-on-this-platform":
+        ctx.log.warning("smoke: vLLM cannot run %s on this platform: %s", recipe.quantize.scheme, quant["error"])
+        write_json_atomic(ctx.reports_dir / "smoke.json", report)
+        return {"_status": "unsupported", "_note": quant["error"], "path": "reports/smoke.json"}
+    if quant["status"] != "ok":
+        raise StageFailed(f"smoke: vLLM failed on the artifact: {quant.get('error')}; log: {ctx.logs_dir}")
+    problems = check_result(quant, recipe)
+    ours = figures(quant, ctx.model_dir)
+    summary: dict[str, Any] = {"vllm_method": quant["quantization"]["method"], "quantized": ours}
+    if spec.compare_baseline:
+        base = baseline_result(python, ctx, spec)
+        report["baseline"] = base
+        if base.get("status") == "ok":
+            theirs = figures(base, ctx.source.path)
+            summary["baseline"] = theirs
+            summary["ratios"] = {k: _ratio(ours[k], theirs[k]) for k in ours}
+            summary["token_agreement"] = round(token_agreement(quant, base, spec.agreement_tokens), 4)
+    report.update(summary, problems=problems, status="passed" if not problems else "failed")
+    write_json_atomic(ctx.reports_dir / "smoke.json", report)
+    if problems:
+        raise StageFailed(f"smoke: {'; '.join(problems)} (reports/smoke.json)")
+    ctx.log.info(
+        "smoke: vLLM loaded %s in %.1f s, %.1f tok/s, token agreement %s",
+        summary["vllm_method"],
+        ours["load_s"],
+        ours["tokens_per_s"] or 0,
+        summary.get("token_agreement"),
+    )
+    return {"path": "reports/smoke.json", **summary}

@@ -7,6 +7,8 @@ from rich.table import Table
 
 from pipeline.run_context import RunContext
 
+STAGE_ORDER = ("calibrate", "quantize", "export", "eval", "smoke", "card")
+
 
 def _size(num: float | None) -> str:
     if not num:
@@ -24,7 +26,7 @@ def print_summary(ctx: RunContext, console: Console | None = None) -> None:
     table = Table(title=f"{ctx.recipe.name} on {ctx.source.identity}", title_justify="left")
     for column in ("stage", "status", "time", "peak RSS", "output", "path / note"):
         table.add_column(column)
-    for name, record in ctx.manifest.stages.items():
+    for name, record in sorted(ctx.manifest.stages.items(), key=lambda item: STAGE_ORDER.index(item[0])):
         outputs = record.outputs
         table.add_row(
             name,

@@ -7,12 +7,12 @@ import tempfile
 from pathlib import Path
 
 from pipeline.backends import check_backend
-from pipeline.calibrate import dataset_identity
 from pipeline.errors import PipelineError
 from pipeline.model_source import check_model_reference, linear_in_features
 from pipeline.quantize import recipe_needs_calibration
 from pipeline.recipe import Recipe, resolve_data_path
 from pipeline.schemes import SCHEMES
+from pipeline.text_data import dataset_identity
 
 
 def _model_config_path(recipe: Recipe) -> Path | None:
@@ -62,8 +62,10 @@ def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
     facts = [f"backend {info.name} writes {info.output_format}"]
     if recipe_needs_calibration(recipe):
         identity = dataset_identity(recipe.calibrate)
-        facts.append(f"calibration: {len(identity.get('files', [])) or 'hub'} source(s), "
-                     f"{recipe.calibrate.num_samples} x {recipe.calibrate.max_seq_length} tokens")
+        facts.append(
+            f"calibration: {len(identity.get('files', [])) or 'hub'} source(s), "
+            f"{recipe.calibrate.num_samples} x {recipe.calibrate.max_seq_length} tokens"
+        )
     else:
         facts.append(f"calibration: not needed for {recipe.quantize.method} {recipe.quantize.scheme}")
     if recipe.eval.enabled and recipe.eval.mmlu_dir:

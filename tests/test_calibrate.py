@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.calibrate import calibration_fingerprint, dataset_identity, run_calibrate, select_texts
+from pipeline.calibrate import calibration_fingerprint, run_calibrate
 from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
 from pipeline.model_source import ModelSource
 from pipeline.recipe import CalibrateSpec, load_recipe
 from pipeline.run_context import RunContext
+from pipeline.text_data import dataset_identity, select_texts
 
 TEXTS = [f"sample number {i} says hello to value {i * 7}" for i in range(20)]
 
@@ -118,7 +119,9 @@ def test_run_calibrate_saves_tokenized_set(tmp_path: Path, tiny_tokenizer_dir: P
     from datasets import load_from_disk
 
     data = write_jsonl(tmp_path / "c.jsonl", [{"text": t * 5} for t in TEXTS])
-    recipe, _ = load_recipe("gptq", [f"calibrate.dataset={data}", "calibrate.num_samples=8", "calibrate.max_seq_length=12"])
+    recipe, _ = load_recipe(
+        "gptq", [f"calibrate.dataset={data}", "calibrate.num_samples=8", "calibrate.max_seq_length=12"]
+    )
     manifest = Manifest(qpipe_version="t", recipe="gptq", recipe_hash="x", recipe_source="t")
     ctx = RunContext(recipe, ModelSource("local", "tiny", tiny_tokenizer_dir, None), "fp", tmp_path / "run", manifest)
     result = run_calibrate(recipe, ctx)

@@ -33,7 +33,9 @@ def test_extends_merges_base_and_override(tmp_path: Path) -> None:
 
 
 def test_set_overrides_parse_yaml_values() -> None:
-    recipe, _ = load_recipe("gptq", ["quantize.group_size=64", "calibrate.num_samples=32", "quantize.ignore=[lm_head, x]"])
+    recipe, _ = load_recipe(
+        "gptq", ["quantize.group_size=64", "calibrate.num_samples=32", "quantize.ignore=[lm_head, x]"]
+    )
     assert recipe.quantize.group_size == 64
     assert recipe.calibrate.num_samples == 32
     assert recipe.quantize.ignore == ["lm_head", "x"]
