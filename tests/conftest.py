@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny offline tokenizer (unit tests) and the embedded demo model (end-to-end tests)."""
+"""Shared fixtures: tiny offline tokenizer and model (unit tests), embedded demo model (end-to-end)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,32 @@ def demo_model_dir() -> Path:
     from pipeline.demo_model import ensure_demo_model
 
     return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random 2-layer Qwen3 (hidden 128: W4A16's group size fits) with the tiny tokenizer; < 1 s."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
