@@ -7,10 +7,12 @@ MODEL ?=
 SET ?=
 OUTPUT ?=
 ARGS ?=
+ARTIFACT ?=
+TO ?=
 QPIPE := $(VENV)/bin/qpipe
 RUN_ARGS = $(if $(MODEL),--model $(MODEL)) $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: venv quantize validate recipes demo-model test lint clean
+.PHONY: venv quantize validate recipes demo-model verify publish test lint clean
 
 venv: $(VENV)/.ready
 
@@ -26,6 +28,12 @@ quantize: venv  ## run a recipe: make quantize RECIPE=awq [MODEL=org/name] [SET=
 
 validate: venv  ## check a recipe without loading a model
 	$(QPIPE) validate $(RECIPE) $(RUN_ARGS)
+
+verify: venv  ## check an artifact against its manifest: make verify ARTIFACT=artifacts/<model>/<recipe>-<hash>
+	$(QPIPE) verify $(ARTIFACT) $(ARGS)
+
+publish: venv  ## verify, then publish: make publish ARTIFACT=... TO=hf://org/name[@rev]|DIR [ARGS=--dry-run]
+	$(QPIPE) publish $(ARTIFACT) --to $(TO) $(ARGS)
 
 recipes: venv
 	$(QPIPE) recipes

@@ -13,6 +13,7 @@ from pipeline import __version__
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import GateFailed
 from pipeline.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
+from pipeline.model_card import write_model_card
 from pipeline.model_source import ModelSource, model_fingerprint, resolve_model
 from pipeline.recipe import Recipe, recipe_yaml
 from pipeline.resources import ResourceMonitor
@@ -217,6 +218,7 @@ def run_pipeline(
             if name == "eval" and "gate" in record.outputs:
                 ctx.manifest.gate = record.outputs["gate"]
             ctx.save_manifest()
+        write_model_card(ctx)
         _finalize(ctx)
     finally:
         logging.getLogger().removeHandler(handler)
