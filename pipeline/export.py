@@ -17,6 +17,8 @@ RECIPE_FILE = "qpipe_recipe.yaml"
 def run_export(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     """Save through the backend into a temp folder, check it, then rename it to model/."""
     model, tokenizer, backend = ctx.state["model"], ctx.state["tokenizer"], ctx.state["backend"]
+    if ctx.state.get("export_dtype") is not None:
+        model.to(ctx.state["export_dtype"])
     with atomic_directory(ctx.model_dir) as tmp:
         backend.save(model, tokenizer, tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml(recipe), encoding="utf-8")

@@ -109,7 +109,7 @@ class EvalSpec(Strict):
     num_fewshot: int = Field(5, ge=0)
     limit: PositiveInt | None = Field(None, description="Questions per subject (quick runs).")
     batch_size: PositiveInt | Literal["auto"] = 8
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf"] = Field("hf", description="lm-eval model type (vLLM-backed eval: see docs/VLLM.md).")
     mmlu_dir: str | None = Field(None, description="Local MMLU in the Hendrycks CSV layout.")
     min_recovery: float | None = Field(None, gt=0, le=1.5, description="Default: by scheme.")
     min_scores: dict[str, float] = Field(default_factory=dict, description="Absolute floors per metric.")

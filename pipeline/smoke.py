@@ -111,14 +111,18 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def check_result(result: dict[str, Any], recipe: Recipe) -> list[str]:
-    """Problems with a loaded quantized model: wrong method, unquantized layers, empty or NaN output."""
+def check_result(result: dict[str, Any], expected_scheme: str | None) -> list[str]:
+    """Problems with a loaded quantized model: wrong or no method, unquantized layers, empty or NaN output.
+
+    `expected_scheme` is part of vLLM's compressed-tensors scheme class name (None: any quantization)."""
     problems = []
     quant = result.get("quantization") or {}
-    if quant.get("method") != "compressed-tensors":
+    if expected_scheme is None and not quant.get("method"):
+        problems.append("vLLM loaded it unquantized (no quantization method detected)")
+    if expected_scheme is not None and quant.get("method") != "compressed-tensors":
         problems.append(f"vLLM loaded it as {quant.get('method')!r}, not compressed-tensors")
-    expected = SCHEMES[recipe.quantize.scheme].vllm_scheme
-    if not any(expected in name for name in quant.get("layer_schemes", {})):
+    expected = expected_scheme
+    if expected is not None and not any(expected in name for name in quant.get("layer_schemes", {})):
         problems.append(f"no layer uses a {expected} scheme (got {sorted(quant.get('layer_schemes', {}))})")
     if any(not g["text"].strip() and not g["token_ids"] for g in result.get("generations", [])):
         problems.append("a prompt produced no output")
@@ -156,7 +160,7 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
         return {"_status": "unsupported", "_note": quant["error"], "path": "reports/smoke.json"}
     if quant["status"] != "ok":
         raise StageFailed(f"smoke: vLLM failed on the artifact: {quant.get('error')}; log: {ctx.logs_dir}")
-    problems = check_result(quant, recipe)
+    problems = check_result(quant, SCHEMES[recipe.quantize.scheme].vllm_scheme)
     ours = figures(quant, ctx.model_dir)
     summary: dict[str, Any] = {"vllm_method": quant["quantization"]["method"], "quantized": ours}
     if spec.compare_baseline:
@@ -179,3 +183,21 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
         summary.get("token_agreement"),
     )
     return {"path": "reports/smoke.json", **summary}
+
+
+def smoke_directory(model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
+    """`qpipe smoke DIR`: load any exported directory in vLLM (no baseline), check it is quantized and generates."""
+    if not (model_dir / "config.json").is_file():
+        raise PipelineError(f"{model_dir}: no config.json; pass an exported model directory (artifact's model/)")
+    result = run_worker(vllm_python(spec), model_dir, spec, log_file)
+    if result["status"] != "ok":
+        return {"status": result["status"], "error": result.get("error"), "quantized": result}
+    problems = check_result(result, None)
+    return {
+        "status": "passed" if not problems else "failed",
+        "problems": problems,
+        "vllm_method": result["quantization"]["method"],
+        "layer_schemes": result["quantization"]["layer_schemes"],
+        **figures(result, model_dir),
+        "quantized": result,
+    }

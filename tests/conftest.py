@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from demo_runs import RECIPES, artifact_dir, run_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -72,3 +73,12 @@ def tiny_model_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFa
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_artifacts(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, Path]:
+    """Every bundled recipe run once on the demo model (calibrate, quantize, export; small calibration)."""
+    output = tmp_path_factory.mktemp("artifacts")
+    for name in RECIPES:
+        assert run_recipe(name, output) == 0, name
+    return {name: artifact_dir(output, name) for name in RECIPES}

@@ -1,0 +1,53 @@
+"""Eval stage end to end on the demo model: lm-eval on the MMLU fixture, fidelity, gate, eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from demo_runs import run_recipe
+
+from pipeline.manifest import Manifest
+
+pytestmark = pytest.mark.e2e
+EVAL = ["--set", "eval.limit=4", "--set", "eval.num_fewshot=1", "--set", "eval.fidelity_samples=16"]
+
+
+def eval_report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "reports" / "eval.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_artifacts: dict[str, Path]) -> dict[str, dict]:
+    reports = {}
+    for name in ("rtn", "w8a8", "fp8"):
+        code = run_recipe(name, demo_artifacts[name].parent.parent, *EVAL, steps="eval")
+        assert code in (0, 3), name  # 3: gate failed, still reported
+        reports[name] = eval_report(demo_artifacts[name])
+    return reports
+
+
+def test_eval_report_structure(evaluated: dict[str, dict], demo_artifacts: dict[str, Path]) -> None:
+    report = evaluated["w8a8"]
+    for side in ("baseline", "quantized"):
+        assert "mmlu" in report[side]["groups"]
+        assert report[side]["lm_eval_version"]
+        assert sum(t["n_samples"] for t in report[side]["tasks"].values()) == 12  # 3 subjects x limit 4
+    assert report["gate"] in ("passed", "failed")
+    assert {c["task"] for c in report["checks"]} == {"mmlu"}
+    manifest = Manifest.load(demo_artifacts["w8a8"] / "manifest.json")
+    assert manifest.gate == report["gate"]
+    assert manifest.stages["eval"].outputs["kl_mean"] == report["fidelity"]["kl_mean"]
+
+
+def test_baseline_is_cached_across_recipes(evaluated: dict[str, dict]) -> None:
+    cached = [r["baseline"]["cached"] for r in evaluated.values()]
+    assert cached.count(False) <= 1 and cached[-1] is True
+    assert len({json.dumps(r["baseline"]["groups"], sort_keys=True) for r in evaluated.values()}) == 1
+
+
+def test_eight_bit_schemes_are_closer_than_int4_rtn(evaluated: dict[str, dict]) -> None:
+    kl = {name: r["fidelity"]["kl_mean"] for name, r in evaluated.items()}
+    assert kl["w8a8"] < kl["rtn"] and kl["fp8"] < kl["rtn"], kl
+    assert all(r["fidelity"]["top1_agreement"] > 0.5 for r in evaluated.values())
