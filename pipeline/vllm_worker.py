@@ -25,8 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULTS: dict[str, Any] = {"max_tokens": 16, "chat_template": False, "kv_cache_gib": 1.0,
-                            "max_model_len": 1024, "seed": 0, "logprobs": 1}
+DEFAULTS: dict[str, Any] = {
+    "max_tokens": 16,
+    "chat_template": False,
+    "kv_cache_gib": 1.0,
+    "max_model_len": 1024,
+    "seed": 0,
+    "logprobs": 1,
+}
 EXIT_CODES = {"ok": 0, "error": 1, "unsupported-on-this-platform": 2}
 GIB = 1 << 30
 RSS_POLL_S = 0.1
@@ -39,8 +45,13 @@ VLLM_OPS_MODULE = "vllm/_custom_ops.py"
 TORCH_OP_CALL = "torch/_ops.py"
 # Offline (a bad local path must not become a hub download), no telemetry, and allow `collective_rpc`
 # to ship our inspection function to vLLM's worker process (local trusted code only).
-ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-              "DO_NOT_TRACK": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+ENGINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+}
 # "(EngineCore pid=12) ERROR 11-25 15:14:58 [core.py:1510] " prefixes on vLLM child-process lines.
 LOG_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] )?")
 FRAME_LINE = re.compile(r'^\s+File "(?P<file>[^"]+)", line \d+')
@@ -112,7 +123,7 @@ class OutputCapture:
         self.drain()
         with self._lock:
             kept = min(self._total - self._stage_start, len(self._buffer))
-            return self._buffer[len(self._buffer) - kept:].decode(errors="replace")
+            return self._buffer[len(self._buffer) - kept :].decode(errors="replace")
 
     def drain(self) -> None:
         """Wait (bounded) until everything written to the pipe so far has been copied out."""
@@ -210,8 +221,9 @@ def layer_quant_summary(worker: Any) -> dict[str, int]:
             continue
         scheme = getattr(module, "scheme", None)
         name = type(scheme if scheme is not None else method).__name__
-        kernels = sorted({type(v).__name__ for v in getattr(scheme, "__dict__", {}).values()
-                          if type(v).__name__.endswith("Kernel")})
+        kernels = sorted(
+            {type(v).__name__ for v in getattr(scheme, "__dict__", {}).values() if type(v).__name__.endswith("Kernel")}
+        )
         if kernels:
             name = f"{name}[{','.join(kernels)}]"
         counts[name] = counts.get(name, 0) + 1
@@ -237,14 +249,21 @@ def load_engine(request: dict[str, Any], result: dict[str, Any]) -> Any:
     from vllm import LLM
 
     started = time.perf_counter()
-    llm = LLM(model=request["model"], enforce_eager=True, seed=request["seed"],
-              max_model_len=request["max_model_len"],
-              kv_cache_memory_bytes=int(request["kv_cache_gib"] * GIB))
+    llm = LLM(
+        model=request["model"],
+        enforce_eager=True,
+        seed=request["seed"],
+        max_model_len=request["max_model_len"],
+        kv_cache_memory_bytes=int(request["kv_cache_gib"] * GIB),
+    )
     result["timings"]["load_s"] = round(time.perf_counter() - started, 3)
     model_config = llm.llm_engine.model_config
-    result["quantization"] = {"method": model_config.quantization, "dtype": str(model_config.dtype),
-                              "layer_schemes": llm.collective_rpc(layer_quant_summary)[0],
-                              "config": quantization_config(request["model"])}
+    result["quantization"] = {
+        "method": model_config.quantization,
+        "dtype": str(model_config.dtype),
+        "layer_schemes": llm.collective_rpc(layer_quant_summary)[0],
+        "config": quantization_config(request["model"]),
+    }
     return llm
 
 
@@ -256,8 +275,10 @@ def build_prompts(llm: Any, request: dict[str, Any]) -> list[Any]:
     if request["chat_template"]:
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("chat_template requested but the tokenizer has no chat template")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in request["prompts"]]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in request["prompts"]
+        ]
         ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     else:
         ids = [tokenizer.encode(p) for p in request["prompts"]]
@@ -276,10 +297,16 @@ def generation_record(prompt: str, output: Any) -> dict[str, Any]:
     for token_id, candidates in zip(completion.token_ids, completion.logprobs or [], strict=False):
         chosen.append(candidates[token_id].logprob)
         top.append({str(t): finite_or_str(lp.logprob) for t, lp in candidates.items()})
-    return {"prompt": prompt, "prompt_tokens": len(output.prompt_token_ids),
-            "token_ids": list(completion.token_ids), "text": completion.text,
-            "finish_reason": completion.finish_reason, "logprobs": [finite_or_str(v) for v in chosen],
-            "top_logprobs": top, "nonfinite_logprobs": not all(math.isfinite(v) for v in chosen)}
+    return {
+        "prompt": prompt,
+        "prompt_tokens": len(output.prompt_token_ids),
+        "token_ids": list(completion.token_ids),
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "logprobs": [finite_or_str(v) for v in chosen],
+        "top_logprobs": top,
+        "nonfinite_logprobs": not all(math.isfinite(v) for v in chosen),
+    }
 
 
 def generate(llm: Any, request: dict[str, Any], result: dict[str, Any]) -> None:
@@ -301,8 +328,12 @@ def generate(llm: Any, request: dict[str, Any], result: dict[str, Any]) -> None:
     records = [generation_record(p, o) for p, o in zip(request["prompts"], outputs, strict=True)]
     tokens = sum(len(r["token_ids"]) for r in records)
     result["timings"]["batch_s"] = round(elapsed, 3)
-    result["throughput"] = {"prompts": len(records), "max_tokens": request["max_tokens"],
-                            "output_tokens": tokens, "tokens_per_s": round(tokens / elapsed, 2)}
+    result["throughput"] = {
+        "prompts": len(records),
+        "max_tokens": request["max_tokens"],
+        "output_tokens": tokens,
+        "tokens_per_s": round(tokens / elapsed, 2),
+    }
     result["generations"] = records
     result["nonfinite_logprobs"] = any(r["nonfinite_logprobs"] for r in records)
 
@@ -319,7 +350,7 @@ def parse_tracebacks(text: str) -> list[Failure]:
     for raw in text.splitlines():
         prefix_match = LOG_PREFIX.match(raw)
         prefix = prefix_match.group(0) if prefix_match else ""
-        line = raw[len(prefix):]
+        line = raw[len(prefix) :]
         if prefix and prefix == continued_prefix and not line.startswith("Traceback"):
             last = failures[-1]
             failures[-1] = Failure(last.type, " ".join([last.message, *line.split()]), last.files)
@@ -350,11 +381,17 @@ def is_platform_unsupported(failure: Failure, loaded: bool) -> bool:
     if not failure.files:
         return False
     innermost = failure.files[-1]
-    if (not loaded and failure.type in ("ValueError", "NotImplementedError")
-            and any(part in innermost for part in (*QUANT_CODE, PLATFORM_CODE))):
+    if (
+        not loaded
+        and failure.type in ("ValueError", "NotImplementedError")
+        and any(part in innermost for part in (*QUANT_CODE, PLATFORM_CODE))
+    ):
         return True
-    return (innermost.endswith(TORCH_OP_CALL) and any(f.endswith(VLLM_OPS_MODULE) for f in failure.files)
-            and any(part in f for f in failure.files for part in QUANT_CODE))
+    return (
+        innermost.endswith(TORCH_OP_CALL)
+        and any(f.endswith(VLLM_OPS_MODULE) for f in failure.files)
+        and any(part in f for f in failure.files for part in QUANT_CODE)
+    )
 
 
 def error_result(exc: Exception, captured: str, result: dict[str, Any]) -> dict[str, Any]:

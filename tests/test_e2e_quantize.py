@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ def test_gptq_and_awq_beat_round_to_nearest(demo_artifacts: dict[str, Path], dem
 
 
 def test_rerun_skips_finished_stages(demo_artifacts: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="qpipe")
     run_dir = demo_artifacts["gptq"]
     before = (run_dir / "manifest.json").read_text()
     assert run_recipe("gptq", run_dir.parent.parent) == 0

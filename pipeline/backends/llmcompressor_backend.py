@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.recipe import QuantizeSpec
+from pipeline.tuning import TuningPlan, oneshot_overrides, plan_tuning, tuned_engine
 
 
 def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
@@ -30,8 +31,7 @@ def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
 def build_modifiers(spec: QuantizeSpec) -> list[Any]:
     """The llm-compressor modifier list for method + scheme (+ optional SmoothQuant)."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
-    from llmcompressor.modifiers.transform import AWQModifier
+    from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
 
     modifiers: list[Any] = []
     if spec.smoothquant_strength is not None:
@@ -71,23 +71,42 @@ def cpu_pinning_disabled() -> Iterator[None]:
 class Backend:
     """Quantizes in memory with `oneshot`; `save` writes compressed safetensors + quantization_config."""
 
-    def describe(self, spec: QuantizeSpec) -> dict[str, Any]:
-        return {"modifiers": [type(m).__name__ for m in build_modifiers(spec)], "format": "compressed-tensors"}
+    def __init__(self) -> None:
+        self.tuning: TuningPlan | None = None  # the plan of the last `quantize` call
 
-    def quantize(self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int) -> Any:
+    def describe(self, spec: QuantizeSpec) -> dict[str, Any]:
+        info = {"modifiers": [type(m).__name__ for m in build_modifiers(spec)], "format": "compressed-tensors"}
+        if self.tuning is not None:
+            info["tuning"] = self.tuning.model_dump()
+        return info
+
+    def quantize(
+        self,
+        model: Any,
+        tokenizer: Any,
+        calibration: Any,
+        spec: QuantizeSpec,
+        seed: int,
+        plan: TuningPlan | None = None,
+    ) -> Any:
+        """Run `oneshot`; `plan` overrides the tuned settings `plan_tuning` would choose (benchmarks)."""
         from llmcompressor import oneshot
 
         torch.manual_seed(seed)
         kwargs: dict[str, Any] = {}
+        lengths = None
         if calibration is not None:
+            lengths = [len(ids) for ids in calibration["input_ids"]]
             kwargs = {
                 "dataset": calibration,
                 "num_calibration_samples": len(calibration),
                 "shuffle_calibration_samples": False,  # the calibrate stage already shuffled with the seed
                 "batch_size": spec.batch_size,
-                "max_seq_length": max(len(ids) for ids in calibration["input_ids"]),
+                "max_seq_length": max(lengths),
             }
-        with cpu_pinning_disabled():
+        self.tuning = plan or plan_tuning(model, lengths, spec)
+        kwargs.update(oneshot_overrides(self.tuning, calibration))
+        with cpu_pinning_disabled(), tuned_engine(self.tuning):
             return oneshot(model=model, processor=tokenizer, recipe=build_modifiers(spec), **kwargs)
 
     def save(self, model: Any, tokenizer: Any, out_dir: Path) -> None:

@@ -1,0 +1,247 @@
+"""The tuned quantize path: plan choices, exact batching, Hessian and attention kernels, and equal results on CPU."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline import tuning
+from pipeline.recipe import QuantizeSpec
+from pipeline.synthetic_model import QWEN3_8B, qwen3_config, scaled_shape
+from pipeline.tuning import (
+    GIB,
+    GramCache,
+    TuningPlan,
+    calibration_loader,
+    equal_length_batches,
+    fast_accumulate_hessian,
+    fused_causal_attention,
+    is_causal_mask,
+    oneshot_overrides,
+    plan_tuning,
+    tuned_engine,
+)
+
+GPTQ = QuantizeSpec(method="gptq", scheme="W4A16")
+AWQ = QuantizeSpec(method="awq", scheme="W4A16_ASYM")
+MODEL_8B = SimpleNamespace(config=qwen3_config(QWEN3_8B))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Fake GPU")
+
+
+def test_plan_is_a_no_op_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmcompressor.modifiers.gptq import base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = plan_tuning(MODEL_8B, [2048] * 128, GPTQ)
+    assert not plan.enabled and "no CUDA GPU" in plan.reason
+    assert oneshot_overrides(plan, calibration=None) == {}
+    original = base.accumulate_hessian
+    with tuned_engine(plan):
+        assert base.accumulate_hessian is original
+
+
+def test_plan_off_and_data_free(fake_gpu: None) -> None:
+    assert not plan_tuning(MODEL_8B, [2048] * 128, GPTQ.model_copy(update={"tuning": "off"})).enabled
+    assert not plan_tuning(MODEL_8B, None, QuantizeSpec(method="rtn", scheme="FP8_DYNAMIC")).enabled
+
+
+def test_plan_for_8b_on_an_80gb_gpu(fake_gpu: None) -> None:
+    gptq = plan_tuning(MODEL_8B, [2048] * 128, GPTQ, free_bytes=63 * GIB)
+    assert (gptq.batch_size, gptq.sequential_offload_device) == (16, "cuda")
+    assert gptq.fast_hessian and gptq.fused_attention and gptq.gpu == "Fake GPU"
+    awq = plan_tuning(MODEL_8B, [512] * 128, AWQ, free_bytes=63 * GIB)
+    assert (awq.batch_size, awq.sequential_offload_device, awq.fast_hessian) == (64, "cuda", False)
+
+
+def test_plan_shrinks_to_fit_small_memory(fake_gpu: None) -> None:
+    plan = plan_tuning(MODEL_8B, [2048] * 128, GPTQ, free_bytes=8 * GIB)
+    assert plan.sequential_offload_device == "cpu"
+    assert 1 <= plan.batch_size < 16
+    assert plan.estimated_gib is not None and plan.estimated_gib <= 8 * tuning.MEMORY_FRACTION
+
+
+def test_plan_keeps_batch_one_for_static_activations_and_honours_explicit_batch(fake_gpu: None) -> None:
+    static = QuantizeSpec(method="rtn", scheme="FP8")
+    assert plan_tuning(MODEL_8B, [512] * 64, static, free_bytes=63 * GIB).batch_size == 1
+    explicit = GPTQ.model_copy(update={"batch_size": 4})
+    assert plan_tuning(MODEL_8B, [2048] * 128, explicit, free_bytes=63 * GIB).batch_size == 4
+
+
+def test_equal_length_batches_never_mix_lengths() -> None:
+    lengths = [3, 5, 5, 3, 5, 2, 5]
+    batches = equal_length_batches(lengths, batch_size=2)
+    assert batches == [[1, 2], [4, 6], [0, 3], [5]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+
+
+def test_calibration_loader_keeps_every_token() -> None:
+    from datasets import Dataset
+
+    rows = [[1, 2, 3], [4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    batches = list(calibration_loader(data, batch_size=8))
+    assert [b["input_ids"].shape for b in batches] == [torch.Size([2, 4]), torch.Size([2, 3])]
+    tokens = sorted(t for b in batches for t in b["input_ids"].flatten().tolist())
+    assert tokens == sorted(t for r in rows for t in r)
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 64), (17, 64)])
+def test_fast_hessian_matches_llmcompressor(shape: tuple[int, ...]) -> None:
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(64, 8)
+    inp = torch.randn(*shape).to(torch.bfloat16)
+    ref_h, ref_n = accumulate_hessian(inp, module, torch.zeros(64, 64), torch.zeros(()))
+    accumulate = fast_accumulate_hessian(GramCache(), accumulate_hessian)
+    fast_h, fast_n = accumulate(inp, module, torch.zeros(64, 64), torch.zeros(()))
+    assert fast_n == ref_n
+    torch.testing.assert_close(fast_h, ref_h, rtol=1e-5, atol=1e-4)
+
+
+def test_fast_hessian_falls_back_for_fp32_and_reuses_shared_inputs() -> None:
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
+
+    module = torch.nn.Linear(16, 4)
+    calls: list[Any] = []
+    accumulate = fast_accumulate_hessian(GramCache(), lambda *a: calls.append(a) or (a[2], a[3]))
+    accumulate(torch.randn(2, 5, 16), module, torch.zeros(16, 16), torch.zeros(()))
+    assert len(calls) == 1  # fp32 activations take the engine's own path
+
+    gram = GramCache()
+    x = torch.randn(2, 5, 16).to(torch.bfloat16)
+    first = gram(x, x.device)
+    assert gram(x, x.device) is first  # q/k/v (or gate/up) share one product
+    x.mul_(2)
+    assert gram(x, x.device) is not first  # an in-place change invalidates it
+    ref_h, _ = accumulate_hessian(x, module, torch.zeros(16, 16), torch.zeros(()))
+    torch.testing.assert_close(2 * gram(x, x.device), ref_h, rtol=1e-5, atol=1e-4)
+
+
+def _causal_float_mask(batch: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    return mask.expand(batch, 1, length, length).clone()
+
+
+def test_is_causal_mask() -> None:
+    mask = _causal_float_mask(2, 6, torch.float32)
+    assert is_causal_mask(mask, 6, 6)
+    assert is_causal_mask(torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6), 6, 6)
+    padded = mask.clone()
+    padded[1, :, :, 0] = torch.finfo(torch.float32).min  # a left-padded sample
+    assert not is_causal_mask(padded, 6, 6)
+    assert not is_causal_mask(mask[..., :5], 6, 5)
+
+
+def test_fused_attention_matches_eager() -> None:
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, eager_attention_forward
+
+    config = qwen3_config(scaled_shape(QWEN3_8B, 1, 1 / 32).model_copy(update={"num_heads": 4, "num_kv_heads": 2}))
+    module = Qwen3Attention(config, layer_idx=0).eval()
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 128), torch.randn(2, 2, 9, 128), torch.randn(2, 2, 9, 128)
+    mask = _causal_float_mask(2, 9, torch.float32)
+    ref, _ = eager_attention_forward(module, q, k, v, mask, scaling=module.scaling)
+    out, weights = fused_causal_attention(module, q, k, v, mask, scaling=module.scaling)
+    assert weights is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    padded = mask.clone()
+    padded[0, :, :, 0] = torch.finfo(torch.float32).min
+    ref, _ = eager_attention_forward(module, q, k, v, padded, scaling=module.scaling)
+    out, _ = fused_causal_attention(module, q, k, v, padded, scaling=module.scaling)
+    assert torch.equal(out, ref)  # any other mask runs the model's own eager attention
+
+
+def _quantize(
+    model: Any, tokenizer: Any, calibration: Any, eval_ids: torch.Tensor, spec: QuantizeSpec, plan: Any
+) -> Any:
+    from pipeline.backends.llmcompressor_backend import Backend
+    from pipeline.bench import log_probs, quantized_weights
+
+    reference = log_probs(model, eval_ids)
+    Backend().quantize(model, tokenizer, calibration, spec, seed=0, plan=plan)
+    return SimpleNamespace(reference=reference, logp=log_probs(model, eval_ids), weights=quantized_weights(model))
+
+
+def _compare(default: Any, tuned: Any) -> tuple[float, float, float]:
+    """KL vs unquantized of both runs and the fraction of quantized weights that are identical."""
+    from pipeline.bench import mean_kl
+
+    equal = sum(int((default.weights[n] == w).sum()) for n, w in tuned.weights.items())
+    total = sum(w.numel() for w in tuned.weights.values())
+    return mean_kl(default.reference, default.logp), mean_kl(tuned.reference, tuned.logp), equal / total
+
+
+def _tiny_run(spec: QuantizeSpec, plan: TuningPlan | None, dtype: torch.dtype) -> Any:
+    from datasets import Dataset
+
+    from pipeline.synthetic_model import build_model, random_token_ids, synthetic_tokenizer, write_model_dir
+
+    shape = scaled_shape(QWEN3_8B, 1, 1 / 32)
+    model_dir = write_model_dir(shape, Path(tempfile.mkdtemp(prefix="qpipe-test-")) / "m")
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, shape.vocab_size, (n,), generator=generator).tolist() for n in [24] * 6 + [16] * 3]
+    calibration = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    model = build_model(shape, 0, "cpu", model_dir, dtype=dtype)
+    tokenizer = synthetic_tokenizer()
+    return _quantize(model, tokenizer, calibration, random_token_ids(2, 24, shape.vocab_size, 1), spec, plan)
+
+
+def test_exact_batching_and_gram_hessian_reproduce_the_default_weights() -> None:
+    """Equal-length batches of 4 and the Gram-product Hessian (bf16 activations): the same GPTQ weights."""
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True)
+    default = _tiny_run(GPTQ.model_copy(update={"tuning": "off"}), None, torch.bfloat16)
+    tuned = _tiny_run(GPTQ, plan, torch.bfloat16)
+    kl_default, kl_tuned, equal = _compare(default, tuned)
+    assert equal == 1.0 and kl_tuned == kl_default
+
+
+@pytest.mark.parametrize("spec", [GPTQ, AWQ], ids=["gptq", "awq"])
+def test_full_tuned_plan_keeps_kl_on_cpu(spec: QuantizeSpec) -> None:
+    """Everything the GPU plan turns on, forced on CPU: KL vs the unquantized model within 5 % of the default's."""
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True, fused_attention=True)
+    default = _tiny_run(spec.model_copy(update={"tuning": "off"}), None, torch.float32)
+    tuned = _tiny_run(spec, plan, torch.float32)
+    kl_default, kl_tuned, _ = _compare(default, tuned)
+    assert kl_default > 0
+    assert abs(kl_tuned - kl_default) <= 0.05 * kl_default
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("spec", [GPTQ, AWQ], ids=["gptq", "awq"])
+def test_tuned_plan_on_the_demo_model(demo_model_dir: Path, spec: QuantizeSpec) -> None:
+    """The demo model on its own calibration texts: tuned KL within 5 % of the default path's."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.demo_corpus import heldout_records
+    from pipeline.recipe import resolve_data_path
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    lines = resolve_data_path("calibration/demo-calibration.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines[:16]]
+    encoded = tokenizer(texts, truncation=True, max_length=64)
+    calibration = Dataset.from_dict(dict(encoded))
+    held = tokenizer([r["text"] for r in heldout_records()[:16]], truncation=True, max_length=64)["input_ids"]
+    eval_ids = torch.tensor([ids for ids in held if len(ids) == 64][:4])
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True, fused_attention=True)
+    runs = []
+    for run_spec, run_plan in ((spec.model_copy(update={"tuning": "off"}), None), (spec, plan)):
+        model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)  # bf16 matmuls crawl on CPU
+        runs.append(_quantize(model, tokenizer, calibration, eval_ids, run_spec, run_plan))
+    kl_default, kl_tuned, equal = _compare(*runs)
+    print(f"demo {spec.method}: KL default {kl_default:.5g} tuned {kl_tuned:.5g}, weights equal {equal:.2%}")
+    assert abs(kl_tuned - kl_default) <= 0.05 * kl_default
