@@ -112,10 +112,9 @@ class RunResult(BaseModel):
     plan: dict[str, Any] | None = None
     stages_s: dict[str, float]
     phases_s: dict[str, float] = Field(default_factory=dict)
-    peak_gpu_gib: (
-        float | None
-    )  # this run's own peak: model + working memory (allocations left by earlier runs excluded)
-    resident_before_gib: float | None = None  # GPU memory still allocated by earlier runs when this one started
+    # this run's own peak (model + working memory); GPU memory earlier runs left allocated is reported apart
+    peak_gpu_gib: float | None
+    resident_before_gib: float | None = None
     peak_rss_gib: float
     calib_tokens_per_s: float | None = None
     samples_per_s_per_layer: float | None = None

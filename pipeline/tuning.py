@@ -54,16 +54,13 @@ class TuningPlan(BaseModel):
 
 
 def disabled(reason: str) -> TuningPlan:
+    """A plan that changes nothing."""
     return TuningPlan(enabled=False, reason=reason)
 
 
-def layer_bytes_per_token(config: Any, seq_len: int, fused_attention: bool) -> int:
-    """Working memory of one decoder layer's forward per token (bf16); eager attention adds its score matrices."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    per_token = 2 * (12 * hidden + 4 * inter)
-    if not fused_attention:
-        per_token += 12 * config.num_attention_heads * seq_len  # bf16 scores, fp32 softmax, bf16 probabilities
-    return per_token
+def layer_bytes_per_token(config: Any) -> int:
+    """Working memory of one decoder layer's forward per token (bf16 activations, fused attention)."""
+    return 2 * (12 * config.hidden_size + 4 * config.intermediate_size)
 
 
 def cache_bytes(config: Any, total_tokens: int, method: str) -> int:
@@ -109,8 +106,7 @@ def plan_tuning(
         batch = max(1, min(len(lengths), max_batch_tokens // seq_len))
     fixed = hessian_bytes(config) if spec.method == "gptq" else 0
     cache = cache_bytes(config, sum(lengths), spec.method)
-
-    per_token = layer_bytes_per_token(config, seq_len, fused_attention=True)
+    per_token = layer_bytes_per_token(config)
 
     def needed(batch_size: int, on_gpu_cache: bool) -> int:
         return fixed + batch_size * seq_len * per_token + (cache if on_gpu_cache else 0)
@@ -226,9 +222,10 @@ def fused_causal_attention(
     scaling: float,
     dropout: float = 0.0,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The eager attention function's contract, computed by `scaled_dot_product_attention` when it can be."""
-    if attention_mask is not None and not is_causal_mask(attention_mask, query.shape[2], key.shape[2]):
+    traced = not isinstance(query, torch.Tensor)  # torch.fx proxies: keep the traced graph the engine expects
+    if traced or (attention_mask is not None and not is_causal_mask(attention_mask, query.shape[2], key.shape[2])):
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     output = torch.nn.functional.scaled_dot_product_attention(
