@@ -153,7 +153,7 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
         return {"_status": "disabled", "_note": "smoke.enabled is false"}
     python = vllm_python(spec)
     quant = run_worker(python, ctx.model_dir, spec, ctx.logs_dir / "smoke-quantized.log")
-    report: dict[str, Any] = {"status": quant["status"], "quantized": quant}
+    report: dict[str, Any] = {"status": quant["status"], "runs": {"quantized": quant}}
     if quant["status"] == "unsupported-on-this-platform":
         ctx.log.warning("smoke: vLLM cannot run %s on this platform: %s", recipe.quantize.scheme, quant["error"])
         write_json_atomic(ctx.reports_dir / "smoke.json", report)
@@ -165,7 +165,7 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     summary: dict[str, Any] = {"vllm_method": quant["quantization"]["method"], "quantized": ours}
     if spec.compare_baseline:
         base = baseline_result(python, ctx, spec)
-        report["baseline"] = base
+        report["runs"]["baseline"] = base
         if base.get("status") == "ok":
             theirs = figures(base, ctx.source.path)
             summary["baseline"] = theirs
@@ -191,13 +191,13 @@ def smoke_directory(model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[st
         raise PipelineError(f"{model_dir}: no config.json; pass an exported model directory (artifact's model/)")
     result = run_worker(vllm_python(spec), model_dir, spec, log_file)
     if result["status"] != "ok":
-        return {"status": result["status"], "error": result.get("error"), "quantized": result}
+        return {"status": result["status"], "error": result.get("error"), "runs": {"quantized": result}}
     problems = check_result(result, None)
     return {
         "status": "passed" if not problems else "failed",
         "problems": problems,
         "vllm_method": result["quantization"]["method"],
         "layer_schemes": result["quantization"]["layer_schemes"],
-        **figures(result, model_dir),
-        "quantized": result,
+        "quantized": figures(result, model_dir),
+        "runs": {"quantized": result},
     }

@@ -31,7 +31,7 @@ def test_artifact_loads_in_vllm_with_its_scheme(vllm_ready: Path, demo_artifacts
     run_dir = demo_artifacts[name]
     assert run_recipe(name, run_dir.parent.parent, steps="smoke") == 0
     report = json.loads((run_dir / "reports" / "smoke.json").read_text())
-    loaded = report["quantized"]["quantization"]
+    loaded = report["runs"]["quantized"]["quantization"]
     assert loaded["method"] == "compressed-tensors"
     assert any(EXPECTED[name] in scheme for scheme in loaded["layer_schemes"]), loaded
     record = Manifest.load(run_dir / "manifest.json").stages["smoke"]
@@ -39,9 +39,9 @@ def test_artifact_loads_in_vllm_with_its_scheme(vllm_ready: Path, demo_artifacts
         assert name in ("awq", "gptq") and record.status == "unsupported"
         return
     assert report["status"] == "passed" and record.status == "done"
-    assert all(g["token_ids"] for g in report["quantized"]["generations"])
-    assert not report["quantized"]["nonfinite_logprobs"]
-    assert report["quantized"]["throughput"]["tokens_per_s"] > 0
+    assert all(g["token_ids"] for g in report["runs"]["quantized"]["generations"])
+    assert not report["runs"]["quantized"]["nonfinite_logprobs"]
+    assert report["runs"]["quantized"]["throughput"]["tokens_per_s"] > 0
     assert 0.0 <= report["token_agreement"] <= 1.0
     assert set(report["ratios"]) >= {"load_s", "tokens_per_s", "size_bytes", "peak_rss_mb"}
     assert report["ratios"]["size_bytes"] < 1.0
@@ -52,7 +52,7 @@ def test_static_fp8_is_reported_unsupported_on_cpu(vllm_ready: Path, demo_artifa
     assert run_recipe("fp8-static", run_dir.parent.parent, steps="smoke") == 0
     report = json.loads((run_dir / "reports" / "smoke.json").read_text())
     assert report["status"] == "unsupported-on-this-platform"
-    assert report["quantized"]["error"]
+    assert report["runs"]["quantized"]["error"]
     assert Manifest.load(run_dir / "manifest.json").stages["smoke"].status == "unsupported"
 
 
