@@ -90,7 +90,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import render_report, run_bench
+    from pipeline.bench import RESULTS_DIR, render_report, run_bench
 
     if not args.report_only:
         path = run_bench(
@@ -103,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed,
             quality=args.quality,
             profile=args.profile,
-            out_dir=args.out,
+            out_dir=args.out or RESULTS_DIR,
             machine=args.machine,
         )
         print(path)
@@ -113,8 +113,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.bench import RESULTS_DIR
-
     bench = sub.add_parser("bench", help="time the quantize stage vs raw llm-compressor on a synthetic Qwen3-8B")
     bench.add_argument("--methods", default="gptq,awq,fp8", help="comma list of gptq, awq, fp8")
     bench.add_argument(
@@ -130,7 +128,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--quality", action="store_true", help="also record KL vs bf16 and weights vs default")
     bench.add_argument("--profile", action="store_true", help="write torch.profiler tables to OUT/profile.txt")
-    bench.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: bench/results)")
+    bench.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     bench.add_argument("--machine", help="machine name in results (default: from the GPU model)")
     bench.add_argument("--report", action="store_true", help="then regenerate docs/BENCHMARKS.md")
     bench.add_argument("--report-only", action="store_true", help="only regenerate docs/BENCHMARKS.md")

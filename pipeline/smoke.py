@@ -121,9 +121,8 @@ def check_result(result: dict[str, Any], expected_scheme: str | None) -> list[st
         problems.append("vLLM loaded it unquantized (no quantization method detected)")
     if expected_scheme is not None and quant.get("method") != "compressed-tensors":
         problems.append(f"vLLM loaded it as {quant.get('method')!r}, not compressed-tensors")
-    expected = expected_scheme
-    if expected is not None and not any(expected in name for name in quant.get("layer_schemes", {})):
-        problems.append(f"no layer uses a {expected} scheme (got {sorted(quant.get('layer_schemes', {}))})")
+    if expected_scheme is not None and not any(expected_scheme in n for n in quant.get("layer_schemes", {})):
+        problems.append(f"no layer uses a {expected_scheme} scheme (got {sorted(quant.get('layer_schemes', {}))})")
     if any(not g["text"].strip() and not g["token_ids"] for g in result.get("generations", [])):
         problems.append("a prompt produced no output")
     if result.get("nonfinite_logprobs"):
