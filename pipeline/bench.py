@@ -9,6 +9,11 @@ Each run builds the same seeded model afresh (timed as stage ``build``) and quan
 * ``tuned``: the pipeline's backend with ``quantize.tuning: auto`` (what runs by default on a GPU);
   ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B`` overrides single settings (ablations).
 
+With ``--num-gpus N`` the ``default`` and ``tuned`` modes run through the multi-GPU launcher instead
+(pipeline/distributed.py: the model is saved, then quantized by N torchrun ranks); ``quantize`` is rank 0's
+``oneshot`` time, ``launch`` the whole torchrun run (start-up, loading, saving). N=1 gives the like-for-like
+one-GPU baseline.
+
 Results go to ``<out>/<machine>-<timestamp>.json``; ``--report`` renders every JSON under ``bench/results``
 into the table in ``docs/BENCHMARKS.md``.
 """
@@ -20,6 +25,7 @@ import gc
 import logging
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -119,6 +125,7 @@ class RunResult(BaseModel):
     calib_tokens_per_s: float | None = None
     samples_per_s_per_layer: float | None = None
     quality: dict[str, Any] | None = None
+    num_gpus: int | None = None  # set when the run went through the torchrun launcher
 
 
 class BenchReport(BaseModel):
@@ -257,12 +264,16 @@ def compare_weights(reference: dict[str, torch.Tensor], model: Any) -> dict[str,
 class Bench:
     """Runs the requested methods x modes on one model shape and collects a `BenchReport`."""
 
-    def __init__(self, shape: ModelShape, seed: int, quality: bool, profile_dir: Path | None) -> None:
+    def __init__(
+        self, shape: ModelShape, seed: int, quality: bool, profile_dir: Path | None, num_gpus: int | None = None
+    ) -> None:
         self.shape = shape
         self.seed = seed
         self.quality = quality
         self.profile_dir = profile_dir
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.num_gpus = num_gpus
+        # launched runs build (and save) the model on the host: the GPUs belong to the ranks
+        self.device = "cuda" if torch.cuda.is_available() and num_gpus is None else "cpu"
         self.model_dir = write_model_dir(shape, Path(tempfile.mkdtemp(prefix="qpipe-bench-")) / shape.name)
         self.tokenizer = synthetic_tokenizer()
 
@@ -336,6 +347,8 @@ class Bench:
         from pipeline.backends.llmcompressor_backend import Backend
 
         spec = method.spec.model_copy(update={"tuning": "off" if mode.name == "default" else "auto"})
+        if self.num_gpus is not None:
+            return self._quantize_launched(key, spec, mode, model, calibration, samples, seq_len, build_s)
         plan: TuningPlan | None = None
         if mode.name == "tuned":
             lengths = [seq_len] * samples if samples else None
@@ -368,6 +381,61 @@ class Bench:
             peak_rss_gib=round(monitor.peak_rss_mb / 1024, 2),
             calib_tokens_per_s=round(samples * seq_len / wall, 1) if samples else None,
             samples_per_s_per_layer=round(samples * self.shape.num_layers / wall, 1) if samples else None,
+        )
+
+    def _quantize_launched(
+        self,
+        key: str,
+        spec: QuantizeSpec,
+        mode: Mode,
+        model: Any,
+        calibration: Any,
+        samples: int,
+        seq_len: int,
+        build_s: float,
+    ) -> RunResult:
+        """Save the model and calibration set, then quantize them with `num_gpus` torchrun ranks."""
+        from pipeline.distributed import RESERVE_CPU_BYTES, DistributedRequest, launch_quantize
+
+        assert self.num_gpus is not None
+        work = Path(tempfile.mkdtemp(prefix=f"qpipe-bench-{key}-"))
+        start = time.perf_counter()
+        model.save_pretrained(str(work / "model"))
+        self.tokenizer.save_pretrained(str(work / "model"))
+        calibration.save_to_disk(str(work / "calibration"))
+        save_s = time.perf_counter() - start
+        request = DistributedRequest(
+            model=str(work / "model"),
+            dtype="bfloat16",
+            calibration=str(work / "calibration"),
+            quantize=spec,
+            seed=self.seed,
+            output=str(work / "out"),
+            result=str(work / "result.json"),
+            reserve_cpu_bytes=RESERVE_CPU_BYTES,
+        )
+        with ResourceMonitor() as monitor:  # the tree RSS of torchrun and its ranks
+            _, result = launch_quantize(request, work, self.num_gpus, work / "torchrun.log")
+        shutil.rmtree(work, ignore_errors=True)
+        quantize_s = result["quantize_s"]
+        return RunResult(
+            method=key,
+            scheme=spec.scheme,
+            mode=mode.label,
+            num_gpus=self.num_gpus,
+            samples=samples,
+            seq_len=seq_len,
+            plan=result["tuning"],
+            stages_s={
+                "build": round(build_s, 2),
+                "save": round(save_s, 2),
+                "quantize": quantize_s,
+                "launch": result["launch_s"],
+            },
+            peak_gpu_gib=result["peak_gpu_gib"],
+            peak_rss_gib=round(monitor.peak_rss_mb / 1024, 2),
+            calib_tokens_per_s=round(samples * seq_len / quantize_s, 1),
+            samples_per_s_per_layer=round(samples * self.shape.num_layers / quantize_s, 1),
         )
 
     def _profiler(self) -> contextlib.AbstractContextManager[Any]:
@@ -403,6 +471,7 @@ def run_bench(
     profile: bool = False,
     out_dir: Path = RESULTS_DIR,
     machine: str | None = None,
+    num_gpus: int | None = None,
 ) -> Path:
     """Run the benchmark and write `<out_dir>/<machine>-<timestamp>.json`; returns its path."""
     from pipeline.manifest import library_versions
@@ -413,6 +482,8 @@ def run_bench(
     parsed = [parse_mode(m) for m in modes]
     if len(set(modes)) != len(modes):
         raise PipelineError("--modes: each mode may appear once")
+    if num_gpus is not None:
+        check_launched(methods, parsed, quality, profile, num_gpus)
     shape = scaled_shape(QWEN3_8B, layers, scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -426,13 +497,30 @@ def run_bench(
         seed=seed,
     )
     path = out_dir / f"{report.machine}-{stamp}.json"
-    bench = Bench(shape, seed, quality, out_dir if profile else None)
+    bench = Bench(shape, seed, quality, out_dir if profile else None, num_gpus)
     for key in methods:
         bench.warm_up(key)
         for result in bench.run_method(key, parsed, samples, seq_len):
             report.runs.append(result)
             path.write_text(report.model_dump_json(indent=2), encoding="utf-8")  # keep what finished so far
     return path
+
+
+def check_launched(methods: list[str], modes: list[Mode], quality: bool, profile: bool, num_gpus: int) -> None:
+    """What `--num-gpus` can run: calibrated methods, plain default/tuned modes, no in-process measurements."""
+    from pipeline.distributed import require_gpus
+
+    if num_gpus < 1:
+        raise PipelineError(f"--num-gpus: must be at least 1; got {num_gpus}")
+    require_gpus("--num-gpus", num_gpus)
+    data_free = [m for m in methods if METHODS[m].samples == 0]
+    if data_free:
+        raise PipelineError(f"--num-gpus: {data_free[0]} is data-free, nothing to distribute; drop it from --methods")
+    odd = [m.label for m in modes if m.label not in ("default", "tuned")]
+    if odd:
+        raise PipelineError(f"--num-gpus: mode {odd[0]!r} runs in-process only; use --modes default tuned")
+    if quality or profile:
+        raise PipelineError("--num-gpus: --quality and --profile measure in-process runs; drop them")
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -476,7 +564,7 @@ def render_table(report: BenchReport, source: str) -> str:
         cells = [
             report.machine,
             f"{run.method} ({run.scheme}, {calib})",
-            run.mode,
+            f"{run.mode} ({run.num_gpus} GPU{'s' if run.num_gpus > 1 else ''}, torchrun)" if run.num_gpus else run.mode,
             describe_settings(run),
             _fmt(run.stages_s["quantize"]),
             f"{speedup / run.stages_s['quantize']:.2f}×" if speedup else "–",

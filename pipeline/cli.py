@@ -105,6 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             profile=args.profile,
             out_dir=args.out or RESULTS_DIR,
             machine=args.machine,
+            num_gpus=args.num_gpus,
         )
         print(path)
     if args.report or args.report_only:
@@ -130,6 +131,11 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--profile", action="store_true", help="write torch.profiler tables to OUT/profile.txt")
     bench.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     bench.add_argument("--machine", help="machine name in results (default: from the GPU model)")
+    bench.add_argument(
+        "--num-gpus",
+        type=int,
+        help="quantize through the torchrun launcher on N GPUs (modes default/tuned; 1 = its one-GPU baseline)",
+    )
     bench.add_argument("--report", action="store_true", help="then regenerate docs/BENCHMARKS.md")
     bench.add_argument("--report-only", action="store_true", help="only regenerate docs/BENCHMARKS.md")
     bench.set_defaults(func=cmd_bench)
@@ -224,6 +230,10 @@ def _configure_logging(debug: bool) -> None:
     )
     for noisy in ("urllib3", "filelock", "datasets", "httpx", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers imports torchao (a GPTQModel dependency) when present; on CPU it warns about its CUDA
+    # extensions and registers enums the deprecated way: noise on every command, nothing to act on.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,28 +41,38 @@ def _local_tasks(spec: EvalSpec) -> tuple[Path | None, dict[str, Any]]:
     }
 
 
-def _evaluate(model_path: Path, spec: EvalSpec, include: Path | None) -> dict[str, Any]:
+def _evaluate(model_path: Path, recipe: Recipe, include: Path | None, log_file: Path) -> dict[str, Any]:
+    """lm-eval on one model: in this process (hf), or in the vLLM environment (vllm, `log_file` keeps its log)."""
     from pipeline.lm_eval_runner import run_lm_eval
 
+    spec = recipe.eval
+    request: dict[str, Any] = {
+        "model_path": str(model_path),
+        "tasks": spec.tasks,
+        "num_fewshot": spec.num_fewshot,
+        "limit": spec.limit,
+        "batch_size": spec.batch_size,
+        "device": _device(),
+        "include_path": include,
+        "backend": spec.backend,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+    }
     start = time.perf_counter()
-    summary = run_lm_eval(
-        str(model_path),
-        spec.tasks,
-        spec.num_fewshot,
-        spec.limit,
-        spec.batch_size,
-        _device(),
-        include,
-        backend=spec.backend,
-    )
+    if spec.backend == "vllm":
+        from pipeline.vllm_eval import run_in_vllm_env
+
+        summary = run_in_vllm_env(request, recipe, log_file)
+    else:
+        summary = run_lm_eval(**request)
     summary["wall_s"] = round(time.perf_counter() - start, 2)
     return summary
 
 
-def baseline_summary(ctx: RunContext, spec: EvalSpec, include: Path | None, data: dict[str, Any]) -> dict[str, Any]:
+def baseline_summary(ctx: RunContext, recipe: Recipe, include: Path | None, data: dict[str, Any]) -> dict[str, Any]:
     """The unquantized model's scores, cached by model content, tasks, shots, limit, backend and lm-eval."""
     import json
 
+    spec = recipe.eval
     key = fingerprint(
         "baseline/v1",
         ctx.model_fingerprint,
@@ -78,7 +88,7 @@ def baseline_summary(ctx: RunContext, spec: EvalSpec, include: Path | None, data
         ctx.log.info("eval: baseline from cache %s", path)
         return {**json.loads(path.read_text()), "cached": True}
     ctx.log.info("eval: baseline %s on %s", ctx.source.identity, ",".join(spec.tasks))
-    summary = _evaluate(ctx.source.path, spec, include)
+    summary = _evaluate(ctx.source.path, recipe, include, ctx.logs_dir / "eval-baseline.log")
     write_json_atomic(path, summary)
     return {**summary, "cached": False}
 
@@ -137,9 +147,9 @@ def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     if not spec.enabled:
         return {"_status": "disabled", "_note": "eval.enabled is false"}
     include, data = _local_tasks(spec)
-    baseline = baseline_summary(ctx, spec, include, data)
+    baseline = baseline_summary(ctx, recipe, include, data)
     ctx.log.info("eval: quantized model on %s", ",".join(spec.tasks))
-    quantized = _evaluate(ctx.model_dir, spec, include)
+    quantized = _evaluate(ctx.model_dir, recipe, include, ctx.logs_dir / "eval-quantized.log")
     fid = fidelity(recipe, ctx)
     checks = check_recovery(scores(baseline), scores(quantized), spec.tasks, min_recovery(recipe), spec.min_scores)
     verdict = gate_verdict(checks)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_directory
@@ -14,17 +16,32 @@ from pipeline.run_context import RunContext
 RECIPE_FILE = "qpipe_recipe.yaml"
 
 
-def run_export(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
-    """Save through the backend into a temp folder, check it, then rename it to model/."""
+def save_in_memory_model(ctx: RunContext, out_dir: Path) -> None:
+    """Save the quantized model through the backend, in the checkpoint's dtype."""
     model, tokenizer, backend = ctx.state["model"], ctx.state["tokenizer"], ctx.state["backend"]
-    if ctx.state.get("export_dtype") is not None:
-        model.to(ctx.state["export_dtype"])
+    backend.save(model, tokenizer, out_dir, ctx.state.get("export_dtype"))
+
+
+def move_contents(src: Path, out_dir: Path) -> None:
+    """Move every entry of `src` (the folder rank 0 saved) into `out_dir`."""
+    for entry in src.iterdir():
+        shutil.move(str(entry), str(out_dir / entry.name))
+
+
+def run_export(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
+    """Save through the backend (or take the folder distributed quantize saved) into a temp folder, check it,
+    then rename it to model/."""
     with atomic_directory(ctx.model_dir) as tmp:
-        backend.save(model, tokenizer, tmp)
+        if "saved_dir" in ctx.state:
+            move_contents(ctx.state["saved_dir"], tmp)
+        else:
+            save_in_memory_model(ctx, tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml(recipe), encoding="utf-8")
         quant_config = json.loads((tmp / "config.json").read_text()).get("quantization_config")
         if not quant_config:
             raise StageFailed("export: config.json has no quantization_config; the backend did not quantize")
+    if "work_dir" in ctx.state:
+        shutil.rmtree(ctx.state["work_dir"], ignore_errors=True)
     files = hash_tree(ctx.model_dir)
     return {
         "path": "model",

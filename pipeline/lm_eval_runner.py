@@ -30,6 +30,8 @@ def run_lm_eval(
     include_path: Path | None,
     dtype: str = "auto",
     backend: str = "hf",
+    tensor_parallel_size: int = 1,
+    engine_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_path`` on ``tasks`` with lm-eval and return :func:`summarize` of the results.
 
@@ -42,7 +44,7 @@ def run_lm_eval(
     try:
         results = simple_evaluate(
             model=backend,
-            model_args={"pretrained": model_path, "dtype": dtype},
+            model_args=model_args(model_path, dtype, tensor_parallel_size, backend, engine_args),
             tasks=tasks,
             num_fewshot=num_fewshot,
             limit=limit,
@@ -54,6 +56,25 @@ def run_lm_eval(
     except ConnectionError as err:  # datasets' error for a hub data set that is offline and not cached
         raise EvalDataUnavailable(f"{str(err).splitlines()[0]}; {LOCAL_HINT}") from err
     return summarize(results)
+
+
+def model_args(
+    model_path: str,
+    dtype: str,
+    tensor_parallel_size: int,
+    backend: str = "hf",
+    engine_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """lm-eval's model arguments. vllm: ``tensor_parallel_size`` plus ``engine_args`` for ``vllm.LLM``.
+    hf: more than one GPU becomes ``parallelize=True``: accelerate's ``device_map="auto"`` splits the layers
+    over all visible GPUs (HFLM has no tensor parallelism in-process; its ``tp_plan`` needs a torchrun
+    launch). Restrict the GPUs with CUDA_VISIBLE_DEVICES."""
+    args: dict[str, Any] = {"pretrained": model_path, "dtype": dtype}
+    if backend == "vllm":
+        return {**args, "tensor_parallel_size": tensor_parallel_size, **(engine_args or {})}
+    if tensor_parallel_size > 1:
+        args["parallelize"] = True
+    return args
 
 
 def _task_manager(tasks: list[str], include_path: Path | None) -> Any:
@@ -154,3 +175,25 @@ def _portable(cfg: dict[str, Any]) -> dict[str, Any]:
     if Path(str(cfg.get("dataset_path", ""))).is_absolute():
         cfg["dataset_path"] = "<local>"
     return cfg
+
+
+def main(argv: list[str]) -> int:
+    """``python -m pipeline.lm_eval_runner REQUEST RESULT``: run_lm_eval(**request) in another environment
+    (the vLLM one, for ``eval.backend: vllm``); the summary, or ``{"error": ...}``, is written to RESULT."""
+    request = json.loads(Path(argv[0]).read_text())
+    request["include_path"] = Path(request["include_path"]) if request.get("include_path") else None
+    try:
+        outcome = run_lm_eval(**request)
+    except Exception as exc:  # reported to the parent as one line; the traceback stays in the log
+        import traceback
+
+        traceback.print_exc()
+        outcome = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    Path(argv[1]).write_text(json.dumps(outcome))
+    return 1 if "error" in outcome else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

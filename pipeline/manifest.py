@@ -21,6 +21,7 @@ TRACKED_PACKAGES = (
     "transformers",
     "llmcompressor",
     "compressed-tensors",
+    "gptqmodel",
     "accelerate",
     "datasets",
     "safetensors",

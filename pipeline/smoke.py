@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json_atomic
+from pipeline.backends import backend_info
+from pipeline.child import run_json_child
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.manifest import fingerprint
 from pipeline.recipe import PROJECT_ROOT, Recipe, SmokeSpec
@@ -55,32 +55,14 @@ def run_worker(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -
         "chat_template": has_chat_template(model_dir) if spec.chat_template is None else spec.chat_template,
         "kv_cache_gib": spec.kv_cache_gib,
         "max_model_len": spec.max_model_len,
+        "tensor_parallel_size": spec.tensor_parallel_size,
     }
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, log_file.open("w") as log:
-        request_file = Path(tmp) / "request.json"
-        request_file.write_text(json.dumps(request))
-        proc = subprocess.Popen(
-            [str(python), str(WORKER), str(request_file)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            start_new_session=True,  # vLLM spawns engine processes: kill the whole group on timeout
-        )
-        try:
-            out, _ = proc.communicate(timeout=spec.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise StageFailed(
-                f"smoke: vLLM did not finish within smoke.timeout_s={spec.timeout_s} s on {model_dir}; log: {log_file}"
-            ) from None
-    try:
-        return json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise StageFailed(
-            f"smoke: the vLLM worker died (exit {proc.returncode}) without a result on {model_dir}; log: {log_file}"
-        ) from None
+    _, result = run_json_child(
+        [str(python), str(WORKER)], request, log_file, spec.timeout_s, f"smoke: vLLM on {model_dir}", "smoke.timeout_s"
+    )
+    if result is None:
+        raise StageFailed(f"smoke: the vLLM worker died without a result on {model_dir}; log: {log_file}")
+    return result
 
 
 def baseline_result(python: Path, ctx: RunContext, spec: SmokeSpec) -> dict[str, Any]:
@@ -111,18 +93,47 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def check_result(result: dict[str, Any], expected_scheme: str | None) -> list[str]:
-    """Problems with a loaded quantized model: wrong or no method, unquantized layers, empty or NaN output.
+# What vLLM reports (`model_config.quantization`) for each checkpoint format; GPTQ/AWQ become their Marlin
+# variants on GPUs that support Marlin and the `auto_*` CPU methods on CPU.
+VLLM_METHODS: dict[str, frozenset[str]] = {
+    "compressed-tensors": frozenset({"compressed-tensors"}),
+    "gptq": frozenset({"gptq", "gptq_marlin", "auto_gptq"}),
+    "awq": frozenset({"awq", "awq_marlin", "auto_awq"}),
+}
 
-    `expected_scheme` is part of vLLM's compressed-tensors scheme class name (None: any quantization)."""
-    problems = []
+
+@dataclass(frozen=True)
+class Expected:
+    """What vLLM must report for an artifact: one of `methods`, and for compressed-tensors a layer scheme
+    whose class name contains `scheme` (e.g. WNA16)."""
+
+    methods: frozenset[str]
+    scheme: str | None
+
+
+def expected_for(recipe: Recipe) -> Expected:
+    fmt = backend_info(recipe.quantize.backend).output_format(recipe.quantize.method)
+    scheme = SCHEMES[recipe.quantize.scheme].vllm_scheme if fmt == "compressed-tensors" else None
+    return Expected(VLLM_METHODS[fmt], scheme)
+
+
+def method_problems(result: dict[str, Any], expected: Expected | None) -> list[str]:
+    """Wrong or no quantization method, or no layer with the expected scheme (None: any quantization)."""
     quant = result.get("quantization") or {}
-    if expected_scheme is None and not quant.get("method"):
-        problems.append("vLLM loaded it unquantized (no quantization method detected)")
-    if expected_scheme is not None and quant.get("method") != "compressed-tensors":
-        problems.append(f"vLLM loaded it as {quant.get('method')!r}, not compressed-tensors")
-    if expected_scheme is not None and not any(expected_scheme in n for n in quant.get("layer_schemes", {})):
-        problems.append(f"no layer uses a {expected_scheme} scheme (got {sorted(quant.get('layer_schemes', {}))})")
+    method = quant.get("method")
+    if expected is None:
+        return [] if method else ["vLLM loaded it unquantized (no quantization method detected)"]
+    if method not in expected.methods:
+        return [f"vLLM loaded it as {method!r}, not {' / '.join(sorted(expected.methods))}"]
+    schemes = quant.get("layer_schemes", {})
+    if expected.scheme is not None and not any(expected.scheme in n for n in schemes):
+        return [f"no layer uses a {expected.scheme} scheme (got {sorted(schemes)})"]
+    return []
+
+
+def check_result(result: dict[str, Any], expected: Expected | None) -> list[str]:
+    """Problems with a loaded quantized model: wrong or no method, unquantized layers, empty or NaN output."""
+    problems = method_problems(result, expected)
     if any(not g["text"].strip() and not g["token_ids"] for g in result.get("generations", [])):
         problems.append("a prompt produced no output")
     if result.get("nonfinite_logprobs"):
@@ -145,6 +156,21 @@ def figures(result: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     }
 
 
+def unsupported(recipe: Recipe, ctx: RunContext, report: dict[str, Any], expected: Expected) -> dict[str, Any]:
+    """vLLM here has no kernel for the scheme: not passed, but when the model got as far as loading, the
+    detected method must still be the expected one."""
+    quant = report["runs"]["quantized"]
+    loaded = quant.get("quantization") is not None
+    problems = method_problems(quant, expected) if loaded else []
+    report.update(vllm_method=(quant.get("quantization") or {}).get("method"), problems=problems)
+    write_json_atomic(ctx.reports_dir / "smoke.json", report)
+    if problems:
+        raise StageFailed(f"smoke: {'; '.join(problems)} (reports/smoke.json)")
+    ctx.log.warning("smoke: vLLM cannot run %s on this platform: %s", recipe.quantize.scheme, quant["error"])
+    outputs = {"path": "reports/smoke.json", "vllm_method": report["vllm_method"]}
+    return {"_status": "unsupported", "_note": quant["error"], **outputs}
+
+
 def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     """Load quantized (and baseline) in vLLM, check method and outputs, write reports/smoke.json."""
     spec = recipe.smoke
@@ -153,13 +179,12 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     python = vllm_python(spec)
     quant = run_worker(python, ctx.model_dir, spec, ctx.logs_dir / "smoke-quantized.log")
     report: dict[str, Any] = {"status": quant["status"], "runs": {"quantized": quant}}
+    expected = expected_for(recipe)
     if quant["status"] == "unsupported-on-this-platform":
-        ctx.log.warning("smoke: vLLM cannot run %s on this platform: %s", recipe.quantize.scheme, quant["error"])
-        write_json_atomic(ctx.reports_dir / "smoke.json", report)
-        return {"_status": "unsupported", "_note": quant["error"], "path": "reports/smoke.json"}
+        return unsupported(recipe, ctx, report, expected)
     if quant["status"] != "ok":
         raise StageFailed(f"smoke: vLLM failed on the artifact: {quant.get('error')}; log: {ctx.logs_dir}")
-    problems = check_result(quant, SCHEMES[recipe.quantize.scheme].vllm_scheme)
+    problems = check_result(quant, expected)
     ours = figures(quant, ctx.model_dir)
     summary: dict[str, Any] = {"vllm_method": quant["quantization"]["method"], "quantized": ours}
     if spec.compare_baseline:
@@ -170,6 +195,12 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
             summary["baseline"] = theirs
             summary["ratios"] = {k: _ratio(ours[k], theirs[k]) for k in ours}
             summary["token_agreement"] = round(token_agreement(quant, base, spec.agreement_tokens), 4)
+    if spec.serve_check:
+        from pipeline.serve_check import serve_check
+
+        summary["serve"] = serve_check(python, ctx.model_dir, spec, ctx.logs_dir / "smoke-serve.log")
+        if summary["serve"]["status"] != "passed":
+            problems.append(f"vllm serve: {summary['serve']['error']}")
     report.update(summary, problems=problems, status="passed" if not problems else "failed")
     write_json_atomic(ctx.reports_dir / "smoke.json", report)
     if problems:

@@ -59,7 +59,7 @@ def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
     info = check_backend(recipe.quantize)
     check_model_reference(recipe.model)
     check_group_size(recipe)
-    facts = [f"backend {info.name} writes {info.output_format}"]
+    facts = [f"backend {info.name} writes {info.output_format(recipe.quantize.method)}"]
     if recipe_needs_calibration(recipe):
         identity = dataset_identity(recipe.calibrate)
         facts.append(

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.backends import backend_info
+from pipeline.backends.gptqmodel_backend import DEFAULT_GROUP_SIZE
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.export import RECIPE_FILE
 from pipeline.manifest import Manifest, hash_tree
@@ -26,7 +28,6 @@ MANIFEST_FILE = "manifest.json"
 PUBLISHED_MANIFEST = "qpipe_manifest.json"
 CARD_FILE = "README.md"
 CARD_STAGE = "card"
-QUANT_METHOD = "compressed-tensors"
 NO_RESULTS = ("disabled", "unsupported")
 HUB_MANAGED = (".gitattributes",)  # added by the hub to every repository, so a downloaded copy has it
 ACCEPTED_STATUS = {
@@ -162,6 +163,14 @@ def expected_quantization(spec: QuantizeSpec) -> tuple[dict[str, Any], dict[str,
     return weights, {"type": info.weight_type, "dynamic": info.activations == "dynamic"}
 
 
+def expected_native_quantization(spec: QuantizeSpec, method: str) -> dict[str, Any]:
+    """Fields of a native GPTQ/AWQ quantization_config for the recipe's scheme (AWQ says zero_point, not sym)."""
+    info = SCHEMES[spec.scheme]
+    symmetric = info.symmetric if spec.symmetric is None else spec.symmetric
+    expected: dict[str, Any] = {"bits": info.weight_bits, "group_size": spec.group_size or DEFAULT_GROUP_SIZE}
+    return {**expected, **({"zero_point": not symmetric} if method == "awq" else {"sym": symmetric})}
+
+
 def _args_problems(where: str, actual: dict[str, Any] | None, expected: dict[str, Any] | None) -> list[str]:
     if expected is None or actual is None:
         return [] if expected is None and actual is None else [f"{where}: {actual!r}, recipe promised {expected!r}"]
@@ -182,7 +191,12 @@ def quantization_problems(model_dir: Path) -> list[str]:
     if not qc:
         return ["config.json: no quantization_config (the checkpoint is not quantized)"]
     spec = load_saved_recipe(model_dir / RECIPE_FILE).quantize
-    problems = [] if qc.get("quant_method") == QUANT_METHOD else [f"config.json: quant_method is not {QUANT_METHOD}"]
+    method = backend_info(spec.backend).output_format(spec.method)
+    if qc.get("quant_method") != method:
+        return [f"config.json: quant_method is {qc.get('quant_method')!r}, recipe promised {method!r}"]
+    if method != "compressed-tensors":
+        return _args_problems("config.json: quantization_config", qc, expected_native_quantization(spec, method))
+    problems = []
     groups = qc.get("config_groups") or {}
     if not groups:
         problems.append(f"config.json: quantization_config has no config_groups; recipe promised {spec.scheme}")

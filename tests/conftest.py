@@ -82,3 +82,14 @@ def demo_artifacts(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Pat
     for name in RECIPES:
         assert run_recipe(name, output) == 0, name
     return {name: artifact_dir(output, name) for name in RECIPES}
+
+
+@pytest.fixture(scope="session")
+def vllm_ready() -> Path:
+    """The vLLM environment's python; skips when `make vllm-env` has not run."""
+    from pipeline.recipe import SmokeSpec
+    from pipeline.smoke import vllm_env_path, vllm_python
+
+    if not (vllm_env_path() / "qpipe-vllm.json").is_file():
+        pytest.skip("no vLLM environment: run `make vllm-env` (make test does)")
+    return vllm_python(SmokeSpec())

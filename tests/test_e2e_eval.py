@@ -51,3 +51,21 @@ def test_eight_bit_schemes_are_closer_than_int4_rtn(evaluated: dict[str, dict]) 
     kl = {name: r["fidelity"]["kl_mean"] for name, r in evaluated.items()}
     assert kl["w8a8"] < kl["rtn"] and kl["fp8"] < kl["rtn"], kl
     assert all(r["fidelity"]["top1_agreement"] > 0.5 for r in evaluated.values())
+
+
+@pytest.mark.vllm
+def test_vllm_backend_gives_the_hf_structure(evaluated: dict[str, dict], vllm_ready: Path, tmp_path: Path) -> None:
+    """eval.backend vllm: lm-eval's vllm model type in the vLLM environment, summarised like the hf backend."""
+    steps = "calibrate,quantize,export,eval"
+    code = run_recipe("fp8", tmp_path, *EVAL, "--set", "eval.backend=vllm", steps=steps)
+    assert code in (0, 3)
+    run_dir = next((tmp_path / "qpipe-demo").iterdir())
+    vllm_report, hf_report = eval_report(run_dir), evaluated["fp8"]
+    assert vllm_report["settings"]["backend"] == "vllm" and hf_report["settings"]["backend"] == "hf"
+    for side in ("baseline", "quantized"):
+        ours, theirs = vllm_report[side], hf_report[side]
+        assert set(ours) - {"cached"} == set(theirs) - {"cached"}
+        assert set(ours["tasks"]) == set(theirs["tasks"]) and set(ours["groups"]) == set(theirs["groups"])
+        assert [t["n_samples"] for t in ours["tasks"].values()] == [t["n_samples"] for t in theirs["tasks"].values()]
+        assert 0.0 <= ours["groups"]["mmlu"]["acc"] <= 1.0
+    assert (run_dir / "logs" / "eval-quantized.log").is_file()

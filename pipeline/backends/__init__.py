@@ -9,14 +9,17 @@ from typing import Any, Protocol
 
 from pipeline.errors import PipelineError
 from pipeline.recipe import QuantizeSpec
+from pipeline.schemes import SCHEMES
 
 
 class QuantizeBackend(Protocol):
-    """Turns a loaded model + calibration set into a quantized model and writes it in its format."""
+    """Loads a model, quantizes it over a calibration set and writes it in its format."""
+
+    def load(self, path: Any, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]: ...
 
     def quantize(self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int) -> Any: ...
 
-    def save(self, model: Any, tokenizer: Any, out_dir: Any) -> None: ...
+    def save(self, model: Any, tokenizer: Any, out_dir: Any, dtype: Any = None) -> None: ...
 
     def describe(self, spec: QuantizeSpec) -> dict[str, Any]: ...
 
@@ -30,8 +33,12 @@ class BackendInfo:
     package: str  # import name of the engine, for availability checks
     methods: frozenset[str]
     schemes: frozenset[str]
-    output_format: str
+    formats: dict[str, str]  # method -> checkpoint format (config.json quantization_config.quant_method)
+    unsupported_fields: tuple[str, ...] = ()  # QuantizeSpec fields this engine has no equivalent for
     needs_gpu: bool = False
+
+    def output_format(self, method: str) -> str:
+        return self.formats[method]
 
 
 BACKENDS: dict[str, BackendInfo] = {
@@ -41,7 +48,16 @@ BACKENDS: dict[str, BackendInfo] = {
         package="llmcompressor",
         methods=frozenset({"rtn", "gptq", "awq"}),
         schemes=frozenset({"W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8_DYNAMIC", "FP8"}),
-        output_format="compressed-tensors",
+        formats=dict.fromkeys(("rtn", "gptq", "awq"), "compressed-tensors"),
+    ),
+    "gptqmodel": BackendInfo(
+        name="gptqmodel",
+        module="pipeline.backends.gptqmodel_backend",
+        package="gptqmodel",
+        methods=frozenset({"gptq", "awq"}),
+        schemes=frozenset({"W4A16", "W4A16_ASYM", "W8A16"}),
+        formats={"gptq": "gptq", "awq": "awq"},
+        unsupported_fields=("actorder", "smoothquant_strength"),
     ),
 }
 
@@ -59,6 +75,17 @@ def check_backend(spec: QuantizeSpec) -> BackendInfo:
         raise PipelineError(f"quantize.method: backend {info.name} has no method {spec.method!r}")
     if spec.scheme not in info.schemes:
         raise PipelineError(f"quantize.scheme: backend {info.name} does not support {spec.scheme}")
+    for field in info.unsupported_fields:
+        if getattr(spec, field) is not None:
+            raise PipelineError(f"quantize.{field}: backend {info.name} has no equivalent; remove it")
+    defaults = QuantizeSpec()
+    if info.name != "llmcompressor" and (spec.targets != defaults.targets or spec.ignore != defaults.ignore):
+        raise PipelineError(
+            f"quantize.targets/ignore: backend {info.name} quantizes every decoder Linear and skips lm_head; "
+            "remove targets/ignore or use backend llmcompressor"
+        )
+    if spec.method == "awq" and info.formats[spec.method] == "awq" and SCHEMES[spec.scheme].weight_bits != 4:
+        raise PipelineError(f"quantize.scheme: the AWQ checkpoint format is 4-bit only; got {spec.scheme}")
     if importlib.util.find_spec(info.package) is None:
         raise PipelineError(f"quantize.backend: {info.package} is not installed; run `make venv`")
     return info

@@ -74,6 +74,12 @@ class Backend:
     def __init__(self) -> None:
         self.tuning: TuningPlan | None = None  # the plan of the last `quantize` call
 
+    def load(self, path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
     def describe(self, spec: QuantizeSpec) -> dict[str, Any]:
         info = {"modifiers": [type(m).__name__ for m in build_modifiers(spec)], "format": "compressed-tensors"}
         if self.tuning is not None:
@@ -109,6 +115,9 @@ class Backend:
         with cpu_pinning_disabled(), tuned_engine(self.tuning):
             return oneshot(model=model, processor=tokenizer, recipe=build_modifiers(spec), **kwargs)
 
-    def save(self, model: Any, tokenizer: Any, out_dir: Path) -> None:
+    def save(self, model: Any, tokenizer: Any, out_dir: Path, dtype: Any = None) -> None:
+        """`dtype`: the checkpoint's own dtype, whatever dtype calibration ran in."""
+        if dtype is not None:
+            model.to(dtype)
         model.save_pretrained(str(out_dir), save_compressed=True)
         tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,301 @@
+"""Multi-GPU: recipe fields, visible-GPU checks, the torchrun launch plan, and a real 2-rank gloo run on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline import distributed
+from pipeline.distributed import LaunchPlan, check_parallel_resources, launch_plan, rank_slice, require_gpus, run_launch
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.recipe import PROJECT_ROOT, EvalSpec, QuantizeSpec, SmokeSpec, build_recipe, load_recipe
+
+TINY = ["calibrate.num_samples=8", "calibrate.max_seq_length=32", "eval.enabled=false", "smoke.enabled=false"]
+
+
+def recipe_error(data: dict[str, Any]) -> str:
+    with pytest.raises(PipelineError) as info:
+        build_recipe({"name": "r", **data}, "r.yaml")
+    return str(info.value)
+
+
+def test_parallel_fields_default_to_one_gpu() -> None:
+    assert QuantizeSpec().num_gpus == 1 and EvalSpec().tensor_parallel_size == 1
+    assert SmokeSpec().tensor_parallel_size == 1
+    recipe = build_recipe({"name": "r", "quantize": {"method": "awq", "scheme": "W4A16", "num_gpus": 4}}, "r.yaml")
+    assert recipe.quantize.num_gpus == 4
+
+
+def test_num_gpus_needs_a_distributed_backend_and_calibration() -> None:
+    message = recipe_error({"quantize": {"method": "rtn", "scheme": "FP8_DYNAMIC", "num_gpus": 2}})
+    assert message.startswith("r.yaml: quantize.num_gpus: rtn FP8_DYNAMIC is data-free")
+    assert "set num_gpus: 1" in message
+    message = recipe_error({"quantize": {"backend": "other", "num_gpus": 2}})
+    assert message.startswith("r.yaml: quantize.num_gpus: backend other has no distributed calibration")
+    assert "(supported: llmcompressor)" in message
+    # static activations and SmoothQuant calibrate, so they distribute
+    build_recipe({"name": "r", "quantize": {"method": "rtn", "scheme": "FP8", "num_gpus": 2}}, "r.yaml")
+    build_recipe(
+        {"name": "r", "quantize": {"method": "gptq", "scheme": "W8A8", "smoothquant_strength": 0.8, "num_gpus": 2}},
+        "r.yaml",
+    )
+
+
+def test_every_rank_needs_calibration_samples() -> None:
+    message = recipe_error({"calibrate": {"num_samples": 2}, "quantize": {"num_gpus": 4}})
+    assert message == (
+        "r.yaml: quantize.num_gpus: 4 ranks need at least 4 calibration samples; "
+        "raise calibrate.num_samples (now 2) or lower num_gpus"
+    )
+
+
+@pytest.mark.parametrize("section", ["eval", "smoke"])
+def test_tensor_parallel_size_must_be_positive(section: str) -> None:
+    assert f"{section}.tensor_parallel_size" in recipe_error({section: {"tensor_parallel_size": 0}})
+
+
+def test_more_gpus_than_visible_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(PipelineError) as info:
+        require_gpus("quantize.num_gpus", 2)
+    assert str(info.value) == (
+        "quantize.num_gpus: 2 requested but 0 CUDA GPUs visible; set quantize.num_gpus=1 or run on a host with 2 GPUs"
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    require_gpus("quantize.num_gpus", 2)
+    with pytest.raises(PipelineError, match="smoke.tensor_parallel_size: 4 requested but 2 CUDA GPUs visible"):
+        require_gpus("smoke.tensor_parallel_size", 4)
+
+
+def test_one_gpu_never_queries_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom() -> int:
+        raise AssertionError("device_count called")
+
+    monkeypatch.setattr(torch.cuda, "device_count", boom)
+    require_gpus("quantize.num_gpus", 1)
+
+
+def test_checks_cover_only_the_stages_that_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    recipe = build_recipe(
+        {"name": "r", "eval": {"tensor_parallel_size": 2}, "smoke": {"tensor_parallel_size": 2, "enabled": False}},
+        "r.yaml",
+    )
+    check_parallel_resources(recipe, ["calibrate", "quantize", "export", "smoke"])
+    with pytest.raises(PipelineError, match=r"^eval.tensor_parallel_size: 2 requested but 1 CUDA GPUs visible"):
+        check_parallel_resources(recipe, ["eval"])
+
+
+def test_run_fails_before_any_model_is_loaded(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import quantize
+    from pipeline.runner import run_pipeline
+
+    def no_load(*args: Any) -> None:
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(quantize, "load_model", no_load)
+    recipe, path = load_recipe("gptq", [*TINY, "quantize.num_gpus=2"], str(tiny_model_dir))
+    with pytest.raises(PipelineError, match=r"^quantize.num_gpus: 2 requested but 0 CUDA GPUs visible"):
+        run_pipeline(recipe, path, ["calibrate", "quantize", "export"], output=tmp_path)
+    assert not list(tmp_path.rglob("calibration"))  # not even the calibrate stage ran
+
+
+def test_launch_plan_is_torchrun_with_nvls_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    plan = launch_plan(Path("/run/quantize-dist/request.json"), 4, cpu_count=64)
+    assert plan.argv == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "pipeline.dist_worker",
+        "/run/quantize-dist/request.json",
+    ]
+    assert plan.world_size == 4
+    assert plan.env["NCCL_NVLS_ENABLE"] == "0"
+    assert plan.env["OMP_NUM_THREADS"] == "16"
+    assert plan.env["PYTHONPATH"] == os.pathsep.join([str(PROJECT_ROOT), "/elsewhere"])
+    assert launch_plan(Path("r.json"), 4, cpu_count=2).env["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize(("samples", "ranks"), [(8, 2), (7, 2), (10, 4), (3, 3)])
+def test_rank_slices_partition_the_calibration_set(samples: int, ranks: int) -> None:
+    slices = [rank_slice(samples, r, ranks) for r in range(ranks)]
+    assert [i for s in slices for i in s] == list(range(samples))
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1 and min(map(len, slices)) >= 1
+
+
+def test_launch_failure_and_timeout_kill_the_process_group(tmp_path: Path) -> None:
+    failing = LaunchPlan(argv=[sys.executable, "-c", "raise SystemExit(3)"], env={}, world_size=2)
+    with pytest.raises(StageFailed, match=r"torchrun \(2 ranks\) exited 3; log: "):
+        run_launch(failing, tmp_path / "fail.log")
+    pid_file = tmp_path / "child.pid"
+    spawn = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
+    hanging = LaunchPlan(argv=[sys.executable, "-c", spawn], env={"QPIPE_PROBE": "1"}, world_size=2)
+    with pytest.raises(StageFailed, match=r"did not finish within 3 s"):
+        run_launch(hanging, tmp_path / "hang.log", timeout_s=3)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the rank's child process survived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return status != "Z"
+
+
+def test_worker_rejects_a_missing_request(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.dist_worker import main
+
+    assert main([]) == 2
+    assert "usage: torchrun ... -m pipeline.dist_worker REQUEST.json" in capsys.readouterr().err
+
+
+def test_smoke_request_carries_tensor_parallel_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from pipeline.smoke import run_worker
+
+    echo = tmp_path / "python"  # stands in for the vLLM env's python: returns the request it was given
+    echo.write_text('#!/bin/sh\ncp "$2" "$3"\n')
+    echo.chmod(echo.stat().st_mode | stat.S_IEXEC)
+    request = run_worker(echo, tiny_model_dir, SmokeSpec(tensor_parallel_size=2), tmp_path / "smoke.log")
+    assert request["tensor_parallel_size"] == 2
+
+
+def test_vllm_worker_passes_tensor_parallel_size_to_llm(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import vllm_worker
+
+    seen: dict[str, Any] = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs: Any) -> None:
+            seen.update(kwargs)
+            config = types.SimpleNamespace(quantization=None, dtype="bfloat16")
+            self.llm_engine = types.SimpleNamespace(model_config=config)
+
+        def collective_rpc(self, func: Any) -> list[dict[str, int]]:
+            return [{}]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
+    request_file = tmp_path / "request.json"
+    for given, expected in (({}, 1), ({"tensor_parallel_size": 2}, 2)):
+        request_file.write_text(json.dumps({"model": str(tiny_model_dir), "prompts": ["a"], **given}))
+        request = vllm_worker.read_request([str(request_file)])
+        vllm_worker.load_engine(request, {"timings": {}})
+        assert seen["tensor_parallel_size"] == expected
+
+
+def test_eval_on_several_gpus_uses_lm_eval_parallelize() -> None:
+    from pipeline.lm_eval_runner import model_args
+
+    assert model_args("m", "auto", 1) == {"pretrained": "m", "dtype": "auto"}
+    assert model_args("m", "auto", 2) == {"pretrained": "m", "dtype": "auto", "parallelize": True}
+
+
+def test_vllm_eval_passes_tensor_parallel_and_engine_settings() -> None:
+    from pipeline.lm_eval_runner import model_args
+    from pipeline.vllm_eval import engine_args
+
+    recipe, _ = load_recipe("fp8", ["eval.backend=vllm", "smoke.kv_cache_gib=0.5", "smoke.max_model_len=512"])
+    args = model_args("m", "auto", 2, "vllm", engine_args(recipe))
+    assert args["tensor_parallel_size"] == 2 and "parallelize" not in args
+    assert args["kv_cache_memory_bytes"] == 2**29 and args["max_model_len"] == 512 and args["enforce_eager"]
+
+
+def _run_gptq(model_dir: Path, output: Path, num_gpus: int) -> Path:
+    from pipeline.runner import run_pipeline
+
+    recipe, path = load_recipe("gptq", [*TINY, f"quantize.num_gpus={num_gpus}"], str(model_dir))
+    return run_pipeline(recipe, path, ["calibrate", "quantize", "export"], output=output).run_dir
+
+
+def test_two_rank_gloo_gptq_matches_single_process(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun with 2 CPU ranks (gloo): llm-compressor splits the calibration set, reduces the GPTQ Hessians
+    and saves once; the artifact has the single-process layout, the same scales and loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.manifest import Manifest
+
+    monkeypatch.setattr(distributed, "visible_cuda_gpus", lambda: 2)  # the ranks themselves run on CPU
+    monkeypatch.setattr(distributed, "RESERVE_CPU_BYTES", 0)  # the 5 GB default exceeds this machine's budget
+    single = _run_gptq(tiny_model_dir, tmp_path / "single", 1)
+    multi = _run_gptq(tiny_model_dir, tmp_path / "multi", 2)
+
+    assert not (multi / distributed.WORK_DIR).exists()
+    assert {p.name for p in (multi / "model").iterdir()} == {p.name for p in (single / "model").iterdir()}
+    config = {d: json.loads((d / "model" / "config.json").read_text()) for d in (single, multi)}
+    assert config[single]["quantization_config"] == config[multi]["quantization_config"]
+    stage = Manifest.load(multi / "manifest.json").stages["quantize"].outputs
+    assert stage["distributed"]["world_size"] == 2 and stage["distributed"]["samples_per_rank"] == [4, 4]
+    argv = stage["distributed"]["argv"]
+    assert argv[-3:-1] == ["-m", "pipeline.dist_worker"] and argv[-1].endswith("/quantize-dist/request.json")
+    assert stage["modifiers"] == ["GPTQModifier"] and stage["calibration_samples"] == 8
+    log = (multi / "logs" / "quantize-torchrun.log").read_text()
+    assert "partitioning dataset across ranks" not in log  # each rank got its own slice from the worker
+
+    ours, theirs = (load_file(str(d / "model" / "model.safetensors")) for d in (multi, single))
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
+    # Weight observers see the same weights, so the scales match exactly. The int4 values are not compared:
+    # with gloo on CPU, llm-compressor 0.14's distributed GPTQ intermittently saturates a module's values
+    # (about every second run; see the Multi-GPU section of README.md), to be re-checked with NCCL on GPUs.
+    scales = [name for name in ours if name.endswith("weight_scale")]
+    assert scales and all(torch.equal(ours[name], theirs[name]) for name in scales)
+    model = AutoModelForCausalLM.from_pretrained(multi / "model")
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.bench import run_bench
+    from pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--num-gpus", "2"]).num_gpus == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(PipelineError, match=r"^--num-gpus: 2 requested but 0 CUDA GPUs visible"):
+        run_bench(["gptq"], ["tuned"], num_gpus=2)
+    monkeypatch.setattr(distributed, "visible_cuda_gpus", lambda: 2)
+    with pytest.raises(PipelineError, match=r"^--num-gpus: fp8 is data-free"):
+        run_bench(["gptq", "fp8"], ["tuned"], num_gpus=2)
+    with pytest.raises(PipelineError, match=r"^--num-gpus: mode 'raw' runs in-process only"):
+        run_bench(["gptq"], ["raw", "tuned"], num_gpus=2)
+
+
+def test_bench_runs_gptq_through_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.bench import BenchReport, render_table, run_bench
+
+    monkeypatch.setattr(distributed, "visible_cuda_gpus", lambda: 2)  # the ranks run on CPU (gloo)
+    monkeypatch.setattr(distributed, "RESERVE_CPU_BYTES", 0)
+    path = run_bench(["gptq"], ["default"], layers=1, scale=1 / 32, samples=4, seq_len=16, out_dir=tmp_path, num_gpus=2)
+    report = BenchReport.model_validate_json(path.read_text())
+    (run,) = report.runs
+    assert run.num_gpus == 2 and run.mode == "default" and set(run.stages_s) == {"build", "save", "quantize", "launch"}
+    assert 0 < run.stages_s["quantize"] < run.stages_s["launch"]
+    assert "| default (2 GPUs, torchrun) |" in render_table(report, "x.json")
