@@ -17,6 +17,20 @@ from typing import Any
 from pipeline.errors import StageFailed
 
 
+def run_bounded(command: list[str], log_file: Path, timeout_s: float, env: dict[str, str] | None = None) -> int | None:
+    """Run `command` in its own session with stdout and stderr in `log_file`; its exit code, or None when it
+    ran past `timeout_s` (its whole process group is then killed)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
 def run_json_child(
     command: list[str],
     request: dict[str, Any],
@@ -28,30 +42,16 @@ def run_json_child(
 ) -> tuple[int, dict[str, Any] | None]:
     """Run `command + [request.json, result.json]`; stdout and stderr go to `log_file`.
 
-    Returns the exit code and the result the child wrote (None if it wrote none). A timeout kills the
-    process group and raises a one-line StageFailed naming `what`, the recipe field that set the limit
-    and the log.
+    Returns the exit code and the result the child wrote (None if it wrote none). A timeout raises a
+    one-line StageFailed naming `what`, the recipe field that set the limit and the log.
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, log_file.open("w") as log:
+    with tempfile.TemporaryDirectory() as tmp:
         request_file, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_file.write_text(json.dumps(request))
-        proc = subprocess.Popen(
-            [*command, str(request_file), str(result_file)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        code = run_bounded([*command, str(request_file), str(result_file)], log_file, timeout_s, env)
+        if code is None:
+            raise StageFailed(f"{what} did not finish within {limit_field}={timeout_s} s; log: {log_file}")
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise StageFailed(f"{what} did not finish within {limit_field}={timeout_s} s; log: {log_file}") from None
-        if not result_file.is_file():
-            return proc.returncode, None
-        try:
-            return proc.returncode, json.loads(result_file.read_text())
-        except ValueError:
-            return proc.returncode, None
+            return code, json.loads(result_file.read_text())
+        except (OSError, ValueError):
+            return code, None

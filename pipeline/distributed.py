@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.child import run_bounded
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.recipe import PROJECT_ROOT, QuantizeSpec, Recipe
 from pipeline.run_context import RunContext
@@ -102,24 +101,12 @@ def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None)
 
 def run_launch(plan: LaunchPlan, log_file: Path, timeout_s: float = TIMEOUT_S) -> float:
     """Run the plan (all output to `log_file`); its process group is killed on timeout. Returns wall seconds."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(
-            plan.argv,
-            env={**os.environ, **plan.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # torchrun's ranks share its group: one kill ends them all
+    returncode = run_bounded(plan.argv, log_file, timeout_s, {**os.environ, **plan.env})
+    if returncode is None:
+        raise StageFailed(
+            f"quantize: torchrun ({plan.world_size} ranks) did not finish within {timeout_s:.0f} s; log: {log_file}"
         )
-        try:
-            returncode = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise StageFailed(
-                f"quantize: torchrun ({plan.world_size} ranks) did not finish within {timeout_s:.0f} s; log: {log_file}"
-            ) from None
     if returncode != 0:
         raise StageFailed(f"quantize: torchrun ({plan.world_size} ranks) exited {returncode}; log: {log_file}")
     return time.perf_counter() - start
