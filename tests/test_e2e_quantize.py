@@ -84,7 +84,7 @@ def test_same_recipe_and_seed_give_identical_weights(demo_artifacts: dict[str, P
 def test_failed_export_leaves_no_finished_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.backends import llmcompressor_backend
 
-    def broken_save(self, model, tokenizer, out_dir):  # noqa: ANN001
+    def broken_save(self, model, tokenizer, out_dir, dtype=None):  # noqa: ANN001
         (Path(out_dir) / "half-written").write_text("x")
         raise RuntimeError("disk full")
 
