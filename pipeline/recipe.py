@@ -166,6 +166,11 @@ class SmokeSpec(Strict):
     serve_check: bool = False
     tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor_parallel_size (GPUs per model).")
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """`kv_cache_gib` as the byte count vLLM's `kv_cache_memory_bytes` takes."""
+        return int(self.kv_cache_gib * 2**30)
+
 
 class Recipe(Strict):
     """A complete pipeline description: one file per method, shared defaults via `extends:`."""

@@ -17,7 +17,6 @@ from typing import Any
 
 from pipeline.recipe import SmokeSpec
 
-GIB = 1024**3
 POLL_S = 1.0
 
 
@@ -44,7 +43,7 @@ def serve_command(python: Path, model_dir: Path, spec: SmokeSpec, port: int) -> 
         "--max-model-len",
         str(spec.max_model_len),
         "--kv-cache-memory-bytes",
-        str(int(spec.kv_cache_gib * GIB)),
+        str(spec.kv_cache_bytes),
         "--tensor-parallel-size",
         str(spec.tensor_parallel_size),
         "--seed",

@@ -14,15 +14,13 @@ from pipeline.child import run_json_child
 from pipeline.errors import StageFailed
 from pipeline.recipe import PROJECT_ROOT, Recipe
 
-GIB = 1024**3
-
 
 def engine_args(recipe: Recipe) -> dict[str, Any]:
     """`vllm.LLM` settings from the smoke section: the KV cache is sized explicitly (on CPU vLLM would
     otherwise reserve most of the RAM), no compilation at start-up, the same context length."""
     smoke = recipe.smoke
     return {
-        "kv_cache_memory_bytes": int(smoke.kv_cache_gib * GIB),
+        "kv_cache_memory_bytes": smoke.kv_cache_bytes,
         "max_model_len": smoke.max_model_len,
         "enforce_eager": True,
         "seed": recipe.calibrate.seed,
