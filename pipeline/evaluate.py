@@ -10,6 +10,7 @@ from pipeline.atomic import write_json_atomic
 from pipeline.gate import MetricCheck, check_recovery, gate_verdict
 from pipeline.manifest import fingerprint, library_versions
 from pipeline.recipe import CalibrateSpec, EvalSpec, Recipe, resolve_data_path
+from pipeline.resources import release_accelerator_memory
 from pipeline.run_context import RunContext
 from pipeline.schemes import SCHEMES
 
@@ -64,17 +65,21 @@ def _evaluate(model_path: Path, recipe: Recipe, include: Path | None, log_file: 
         summary = run_in_vllm_env(request, recipe, log_file)
     else:
         summary = run_lm_eval(**request)
+        release_accelerator_memory()  # lm-eval's model is garbage now; free it before the next model loads
     summary["wall_s"] = round(time.perf_counter() - start, 2)
     return summary
 
 
 def baseline_summary(ctx: RunContext, recipe: Recipe, include: Path | None, data: dict[str, Any]) -> dict[str, Any]:
-    """The unquantized model's scores, cached by model content, tasks, shots, limit, backend and lm-eval."""
+    """The unquantized model's scores, cached by model (identity, revision, content), tasks, shots, limit,
+    backend and lm-eval."""
     import json
 
     spec = recipe.eval
     key = fingerprint(
-        "baseline/v1",
+        "baseline/v2",
+        ctx.source.identity,
+        ctx.source.revision,
         ctx.model_fingerprint,
         spec.tasks,
         spec.num_fewshot,

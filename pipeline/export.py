@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,21 @@ from pipeline.atomic import atomic_directory
 from pipeline.errors import StageFailed
 from pipeline.manifest import hash_tree
 from pipeline.recipe import Recipe, recipe_yaml
+from pipeline.resources import release_accelerator_memory
 from pipeline.run_context import RunContext
 
 RECIPE_FILE = "qpipe_recipe.yaml"
 
 
 def save_in_memory_model(ctx: RunContext, out_dir: Path) -> None:
-    """Save the quantized model through the backend, in the checkpoint's dtype."""
-    model, tokenizer, backend = ctx.state["model"], ctx.state["tokenizer"], ctx.state["backend"]
+    """Save the quantized model through the backend, in the checkpoint's dtype, then drop it: later stages read
+    model/ from disk, and a vLLM child on the same GPU needs the memory free."""
+    model, tokenizer, backend = (ctx.state.pop(key) for key in ("model", "tokenizer", "backend"))
+    started = time.perf_counter()
     backend.save(model, tokenizer, out_dir, ctx.state.get("export_dtype"))
+    ctx.state["save_s"] = round(time.perf_counter() - started, 2)
+    del model
+    release_accelerator_memory()
 
 
 def move_contents(src: Path, out_dir: Path) -> None:
@@ -45,6 +52,7 @@ def run_export(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     files = hash_tree(ctx.model_dir)
     return {
         "path": "model",
+        "save_s": ctx.state.pop("save_s", None),
         "format": quant_config.get("quant_method", "unknown"),
         "size_bytes": sum(f["size"] for f in files.values()),
         "files": files,

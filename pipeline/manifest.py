@@ -77,7 +77,10 @@ class StageRecord(BaseModel):
     started: str | None = None
     wall_s: float | None = None
     peak_rss_mb: float | None = None
-    peak_gpu_mb: float | None = None
+    peak_gpu_mb: float | None = Field(None, description="Peak of torch's allocator in the qpipe process.")
+    peak_gpu_device_mb: float | None = Field(
+        None, description="Peak GPU memory in use by all processes (NVML), child processes such as vLLM included."
+    )
     inputs: dict[str, Any] = Field(default_factory=dict)
     outputs: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,11 +70,15 @@ def run_quantize(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
 
         return quantize_distributed(recipe, ctx, compute_dtype(recipe.model.dtype), checkpoint_dtype(recipe, ctx))
     backend = get_backend(spec.backend)
+    started = time.perf_counter()
     model, tokenizer = load_model(recipe, ctx, backend)
+    load_s = time.perf_counter() - started
     calibration = load_calibration(ctx) if recipe_needs_calibration(recipe) else None
     ctx.log.info("quantize: %s %s via %s", spec.method, spec.scheme, spec.backend)
+    started = time.perf_counter()
     with working_directory(ctx.run_dir):
         quantized = backend.quantize(model, tokenizer, calibration, spec, seed=recipe.calibrate.seed)
+    engine_s = time.perf_counter() - started
     ctx.state.update(model=quantized, tokenizer=tokenizer, backend=backend)
     return {
         "backend": spec.backend,
@@ -83,4 +88,6 @@ def run_quantize(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
         "calibration_samples": len(calibration) if calibration is not None else 0,
         "compute_dtype": str(model.dtype),
         "export_dtype": str(ctx.state["export_dtype"]),
+        "load_s": round(load_s, 2),  # the engine's own calls, to tell them from the stage's overhead
+        "engine_s": round(engine_s, 2),
     }

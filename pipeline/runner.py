@@ -110,12 +110,17 @@ def _execute(stage: Stage, recipe: Recipe, ctx: RunContext, fp: str | None) -> S
         started=started,
         wall_s=round(monitor.wall_s, 3),
         peak_rss_mb=round(monitor.peak_rss_mb, 1),
-        peak_gpu_mb=round(monitor.peak_gpu_mb, 1) if monitor.peak_gpu_mb is not None else None,
+        peak_gpu_mb=_mb(monitor.peak_gpu_mb),
+        peak_gpu_device_mb=_mb(monitor.peak_gpu_device_mb),
         inputs={"model": ctx.source.identity, "model_fingerprint": ctx.model_fingerprint},
         outputs=outputs,
         versions=library_versions(),
         note=note,
     )
+
+
+def _mb(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
 
 
 UPSTREAM = {"calibrate": None, "quantize": "calibrate", "export": "quantize", "eval": "export", "smoke": "export"}

@@ -29,6 +29,9 @@ def free_port() -> int:
 
 def serve_command(python: Path, model_dir: Path, spec: SmokeSpec, port: int) -> list[str]:
     """`vllm serve` from the vLLM environment, with the smoke section's engine settings."""
+    from pipeline.smoke import gpu_memory_utilization
+
+    utilization = gpu_memory_utilization()
     return [
         str(python.parent / "vllm"),
         "serve",
@@ -48,6 +51,7 @@ def serve_command(python: Path, model_dir: Path, spec: SmokeSpec, port: int) -> 
         str(spec.tensor_parallel_size),
         "--seed",
         "0",
+        *([] if utilization is None else ["--gpu-memory-utilization", str(utilization)]),
     ]
 
 

@@ -46,9 +46,23 @@ def has_chat_template(model_dir: Path) -> bool:
     return config.is_file() and "chat_template" in json.loads(config.read_text())
 
 
+def gpu_memory_utilization() -> float | None:
+    """vLLM's `gpu_memory_utilization` for a child on this process's GPU, after freeing what this process cached.
+
+    vLLM refuses to start when less than that share of the GPU is free; this process keeps its CUDA context (and
+    whatever a stage still holds), so the child asks for the free share less a margin, at most vLLM's default 0.9.
+    None without a CUDA GPU."""
+    from pipeline.resources import free_gpu_fraction, release_accelerator_memory
+
+    release_accelerator_memory()
+    free = free_gpu_fraction()
+    return None if free is None else round(min(0.9, free - 0.03), 3)
+
+
 def run_worker(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
     """Run the worker on `model_dir`; a crash or timeout becomes a one-line StageFailed (log kept)."""
     request = {
+        "gpu_memory_utilization": gpu_memory_utilization(),
         "model": str(model_dir),
         "prompts": spec.prompts,
         "max_tokens": spec.max_tokens,
@@ -66,10 +80,11 @@ def run_worker(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -
 
 
 def baseline_result(python: Path, ctx: RunContext, spec: SmokeSpec) -> dict[str, Any]:
-    """The unquantized model through vLLM, cached by model content and smoke settings."""
+    """The unquantized model through vLLM, cached by model (identity, revision, content) and smoke settings."""
     from pipeline.evaluate import cache_root
 
-    key = fingerprint("smoke-baseline/v1", ctx.model_fingerprint, spec.model_dump(exclude={"compare_baseline"}))
+    settings = spec.model_dump(exclude={"compare_baseline"})
+    key = fingerprint("smoke-baseline/v2", ctx.source.identity, ctx.source.revision, ctx.model_fingerprint, settings)
     path = cache_root() / "smoke-baselines" / f"{key[:24]}.json"
     if path.is_file():
         return {**json.loads(path.read_text()), "cached": True}

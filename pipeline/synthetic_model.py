@@ -1,9 +1,10 @@
 """Seeded random-weight models of a named architecture, built from a config (no download), for benchmarks.
 
 Timing on random weights is valid for speed; quality is checked by comparing quantized paths on the same
-weights. The model is built directly on the target device; only ``config.json`` and a small offline
-tokenizer are written to disk, because ``oneshot`` wants ``name_or_path`` to be a folder holding a config
-and a processor object when a dataset is given.
+weights. For the benchmark the model is built directly on the target device and only ``config.json`` and a
+small offline tokenizer are written to disk, because ``oneshot`` wants ``name_or_path`` to be a folder holding a
+config and a processor object when a dataset is given. ``save_checkpoint`` writes a whole Hugging Face
+directory instead (``qpipe synth-model``), so every stage can run on a real-size checkpoint as users' would.
 """
 
 from __future__ import annotations
@@ -158,3 +159,45 @@ def calibration_dataset(token_ids: torch.Tensor) -> Any:
 
     ids = token_ids.tolist()
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]})
+
+
+SYNTH_INFO_FILE = "synthetic-model.json"
+
+
+def save_checkpoint(shape: ModelShape, directory: Path, seed: int, device: str) -> Path:
+    """Write a Hugging Face checkpoint of `shape` with seeded random bf16 weights into `directory` (atomically).
+
+    The tokenizer is the demo model's byte-level BPE with its chat template (trained in seconds from the embedded
+    corpus), so MMLU and calibration text tokenize into real ids that lm-eval, llm-compressor and vLLM accept;
+    the embedding rows past its vocabulary are never looked up, as in real checkpoints with padded vocabularies.
+    """
+    import json
+
+    from transformers import GenerationConfig
+
+    from pipeline import demo_corpus
+    from pipeline.atomic import atomic_directory
+    from pipeline.demo_model import DemoModelSpec, train_tokenizer
+
+    tokenizer = train_tokenizer(demo_corpus.training_texts(DemoModelSpec.train_documents), DemoModelSpec())
+    if len(tokenizer) > shape.vocab_size:
+        raise ValueError(f"vocab_size {shape.vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
+    with atomic_directory(directory) as tmp:
+        model = build_model(shape, seed, device, tmp)
+        model.config.use_cache = True  # a checkpoint for inference; calibration turns it off itself
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {
+            "shape": shape.model_dump(),
+            "seed": seed,
+            "parameters": shape.parameter_count(),
+            "init_std": INIT_STD,
+        }
+        (tmp / SYNTH_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        del model
+    return directory

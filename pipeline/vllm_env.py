@@ -108,6 +108,9 @@ def ensure_vllm_env(path: Path, flavor: str = "auto", pip_args: Sequence[str] = 
     local wheel or index provides it, pass the PyTorch CPU index here (or set ``PIP_EXTRA_INDEX_URL``).
     """
     path = path.absolute()
+    if _is_site_env(path):
+        log.info("vLLM env: %s (a linked site directory)", path)
+        return env_python(path)
     package = PACKAGES[resolve_flavor(flavor)]
     spec = f"{package} {EVAL_PACKAGE}"
     python = env_python(path)
@@ -123,6 +126,52 @@ def ensure_vllm_env(path: Path, flavor: str = "auto", pip_args: Sequence[str] = 
             return python
         _install(path, spec, pip_args)
     return python
+
+
+# A vLLM installed as a plain directory of unpacked wheels (a machine without network gets it carried, see
+# docs/VLLM.md) run by an interpreter that already has a matching torch: the env is two wrapper scripts.
+SITE_PYTHON = """#!/bin/sh
+# qpipe vLLM environment over a site directory: {site}
+export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"
+export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0
+exec {python} "$@"
+"""
+SITE_VLLM = """#!/bin/sh
+exec "$(dirname "$0")/python" -c 'import sys; from vllm.entrypoints.cli.main import main; main()' "$@"
+"""
+_SITE_IMPORT_CHECK = "import vllm, torch; print(vllm.__version__, torch.__version__)"
+
+
+def link_site_env(path: Path, site: Path, python: Path) -> Path:
+    """Make ``path`` a vLLM env that runs ``python`` with ``site`` (unpacked vLLM and its dependencies) first on
+    its path; checked with ``import vllm`` before the marker is written. Returns the env's python."""
+    path, site = path.absolute(), site.absolute()
+    if not (site / "vllm" / "__init__.py").is_file():
+        raise VllmEnvError(f"{site} holds no vllm package; pass the directory the vLLM wheels were unpacked into")
+    with _install_lock(path):
+        _reset_dir(path)
+        (path / "bin").mkdir(parents=True)
+        (path / "pyvenv.cfg").write_text(f"home = {python.parent}\nqpipe-site = {site}\n")
+        for name, text in (("python", SITE_PYTHON.format(site=site, python=python)), ("vllm", SITE_VLLM)):
+            script = path / "bin" / name
+            script.write_text(text)
+            script.chmod(0o755)
+        started = time.monotonic()
+        _run_logged(path, ["-c", _SITE_IMPORT_CHECK], "`import vllm` through the site directory")
+        info = vllm_env_info(env_python(path))
+        (path / MARKER_FILE).write_text(json.dumps({"spec": f"site:{site}", "site": str(site), **info}, indent=2))
+        log.info("vLLM env %s over %s: vllm %s, torch %s (%.0f s)", path, site, info["vllm"], info["torch"],
+                 time.monotonic() - started)  # fmt: skip
+    return env_python(path)
+
+
+def _is_site_env(path: Path) -> bool:
+    """Whether ``path`` is a finished `link_site_env` env (which no flavor or spec check applies to)."""
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and "site" in marker and env_python(path).exists()
 
 
 def vllm_env_info(python: Path) -> dict[str, str | None]:

@@ -6,7 +6,7 @@ installing qpipe into the vLLM env. One JSON request in, one JSON result on stdo
 
 Request keys: ``model`` (dir, required), ``prompts`` (list[str], required), ``max_tokens`` (16),
 ``chat_template`` (false), ``kv_cache_gib`` (1.0), ``max_model_len`` (1024), ``tensor_parallel_size`` (1),
-``seed`` (0), ``logprobs`` (1).
+``gpu_memory_utilization`` (null: vLLM's default), ``seed`` (0), ``logprobs`` (1).
 Result ``status`` is ``ok``, ``error`` or ``unsupported-on-this-platform`` (exit code 0, 1 or 2).
 """
 
@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "kv_cache_gib": 1.0,
     "max_model_len": 1024,
     "tensor_parallel_size": 1,
+    "gpu_memory_utilization": None,
     "seed": 0,
     "logprobs": 1,
 }
@@ -251,8 +252,10 @@ def load_engine(request: dict[str, Any], result: dict[str, Any]) -> Any:
     from vllm import LLM
 
     started = time.perf_counter()
+    utilization = request["gpu_memory_utilization"]
     llm = LLM(
         model=request["model"],
+        **({"gpu_memory_utilization": utilization} if utilization else {}),
         enforce_eager=True,
         seed=request["seed"],
         max_model_len=request["max_model_len"],

@@ -217,14 +217,34 @@ def test_eval_on_several_gpus_uses_lm_eval_parallelize() -> None:
     assert model_args("m", "auto", 2) == {"pretrained": "m", "dtype": "auto", "parallelize": True}
 
 
-def test_vllm_eval_passes_tensor_parallel_and_engine_settings() -> None:
+def _config_dir(tmp_path: Path, name: str, **config: int) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_vllm_eval_passes_tensor_parallel_and_sizes_context_for_the_model(tmp_path: Path) -> None:
+    """The vLLM eval takes the model's own context (not smoke.max_model_len) and a KV cache holding one such
+    sequence: the smoke section's size when that suffices, else keys + values of every layer for every token."""
     from pipeline.lm_eval_runner import model_args
     from pipeline.vllm_eval import engine_args
 
     recipe, _ = load_recipe("fp8", ["eval.backend=vllm", "smoke.kv_cache_gib=0.5", "smoke.max_model_len=512"])
-    args = model_args("m", "auto", 2, "vllm", engine_args(recipe))
+    small = _config_dir(
+        tmp_path, "small", max_position_embeddings=4096, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, hidden_size=512,
+    )  # fmt: skip
+    args = model_args("m", "auto", 2, "vllm", engine_args(recipe, small))
     assert args["tensor_parallel_size"] == 2 and "parallelize" not in args
-    assert args["kv_cache_memory_bytes"] == 2**29 and args["max_model_len"] == 512 and args["enforce_eager"]
+    assert args["kv_cache_memory_bytes"] == 2**29 and args["max_model_len"] == 4096 and args["enforce_eager"]
+    qwen3_8b = _config_dir(
+        tmp_path, "qwen3-8b", max_position_embeddings=40960, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, hidden_size=4096,
+    )  # fmt: skip
+    args = engine_args(recipe, qwen3_8b)
+    assert args["max_model_len"] == 40960
+    assert args["kv_cache_memory_bytes"] == 2 * 36 * 8 * 128 * 2 * 40960
 
 
 def _run_gptq(model_dir: Path, output: Path, num_gpus: int) -> Path:

@@ -119,5 +119,8 @@ class Backend:
         """`dtype`: the checkpoint's own dtype, whatever dtype calibration ran in."""
         if dtype is not None:
             model.to(dtype)
+        from llmcompressor.core import active_session
+
         model.save_pretrained(str(out_dir), save_compressed=True)
         tokenizer.save_pretrained(str(out_dir))
+        active_session().reset()  # its lifecycle holds the model; saving (which writes recipe.yaml) was its last use

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# `qpipe run` on a real-size checkpoint on an offline GPU machine (docs/BENCHMARKS.md, "Every stage on the GPU").
+# Everything it installs lives under /tmp, so consecutive calls on one warm machine build on each other:
+#   bash bench/gpu-e2e.sh setup               main env from .whl/main, MMLU from .carry/mmlu.tar.gz, the checkpoint
+#   bash bench/gpu-e2e.sh piece               keep the .whl/vllm/site.tar.xz.part-* carried in this call
+#   bash bench/gpu-e2e.sh vllm                reassemble the vLLM site dir and link it as qpipe's vLLM env
+#   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint; reports into $OUT
+# Several subcommands may follow each other in one call: `bash bench/gpu-e2e.sh setup run gptq calibrate,...,eval`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROOT=/tmp/qpipe-e2e
+QENV=$ROOT/qenv                   # the main env: carried wheels over the image's torch/transformers
+CKPT=$ROOT/qwen3-8b-synth          # `qpipe synth-model` output
+ART=$ROOT/artifacts
+SITE=$ROOT/vllm-site
+PIECES=$ROOT/vllm-pieces
+SYSPY=$(command -v python3)        # the image's python, whose torch 2.11 vllm 0.26.0 was built against
+export QPIPE_CACHE=$ROOT/cache QPIPE_VLLM_ENV=$ROOT/vllm-env
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export NCCL_NVLS_ENABLE=0
+EVAL_LIMIT=${EVAL_LIMIT:-5}        # MMLU questions per subject (57 subjects)
+
+qpipe() { "$QENV/bin/python" -m pipeline.cli "$@"; }
+
+peak() {  # peak GPU memory in use and host memory, every 2 s, while a command runs (for the benchmark table)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 2000 >"$OUT/$1-gpu-mem.csv" &
+  echo $!
+}
+
+setup() {
+  mkdir -p "$ROOT"
+  if [ ! -x "$QENV/bin/python" ]; then
+    "$SYSPY" -m venv --without-pip "$QENV"
+    local site
+    site=$("$QENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    # the image's python is itself a venv, so --system-site-packages would not reach its torch: a .pth does
+    "$SYSPY" -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
+      >"$site/image-site.pth"
+    "$SYSPY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/main/*.whl
+  fi
+  if [ ! -d "$ROOT/mmlu/test" ]; then
+    mkdir -p "$ROOT/mmlu" && tar -xzf .carry/mmlu.tar.gz -C "$ROOT/mmlu"
+  fi
+  if [ ! -f "$CKPT/config.json" ]; then
+    /usr/bin/time -f 'synth-model: %e s, peak RSS %M KiB' "$QENV/bin/python" -m pipeline.cli synth-model "$CKPT"
+  fi
+  du -sh "$CKPT"
+}
+
+piece() {
+  mkdir -p "$PIECES"
+  cp -v .whl/vllm/site.tar.xz.part-* .whl/vllm/SHA256SUMS "$PIECES"/ 2>/dev/null || true
+  ls -la "$PIECES"
+}
+
+vllm() {
+  piece
+  if [ ! -f "$SITE/vllm/__init__.py" ]; then
+    (cd "$PIECES" && cat site.tar.xz.part-* >site.tar.xz && sha256sum -c SHA256SUMS)
+    mkdir -p "$SITE" && xz -d -T0 <"$PIECES/site.tar.xz" | tar -x -C "$SITE"
+    rm -f "$PIECES/site.tar.xz"
+  fi
+  qpipe vllm-env --site "$SITE" --python "$SYSPY"
+}
+
+run() {
+  local recipe=$1 steps=${2:-calibrate,quantize,export,eval,smoke}
+  mkdir -p "$OUT"
+  local sampler
+  sampler=$(peak "$recipe")
+  local status=0
+  /usr/bin/time -f "qpipe run $recipe: %e s, peak RSS of the largest process %M KiB" \
+    "$QENV/bin/python" -m pipeline.cli run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
+    --set calibrate.dataset=calibration/demo-calibration.jsonl --set eval.mmlu_dir="$ROOT/mmlu" \
+    --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 || status=$?
+  kill "$sampler" || true
+  local dir
+  dir=$(ls -d "$ART"/*/"$recipe"-* | head -1)
+  tar -czf "$OUT/$recipe-run.tar.gz" -C "$dir" manifest.json recipe.yaml reports logs model/README.md \
+    model/config.json 2>/dev/null || true
+  echo "qpipe run $recipe exit $status"
+}
+
+while [ $# -gt 0 ]; do
+  case $1 in
+    setup | piece | vllm) "$1"; shift ;;
+    run)
+      if [ $# -ge 3 ] && [[ $3 == *,* ]]; then run "$2" "$3"; shift 3; else run "$2"; shift 2; fi ;;
+    *) echo "unknown subcommand $1" >&2; exit 2 ;;
+  esac
+done
