@@ -23,9 +23,11 @@ EVAL_LIMIT=${EVAL_LIMIT:-5}        # MMLU questions per subject (57 subjects)
 
 qpipe() { "$QENV/bin/python" -m pipeline.cli "$@"; }
 
-peak() {  # peak GPU memory in use and host memory, every 2 s, while a command runs (for the benchmark table)
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 2000 >"$OUT/$1-gpu-mem.csv" &
-  echo $!
+timed() {  # whole-command wall time; per-stage time, RSS and GPU memory are in each run's manifest
+  local start=$SECONDS status=0
+  "$@" || status=$?
+  echo "timed: $* -> exit $status in $((SECONDS - start)) s"
+  return $status
 }
 
 setup() {
@@ -43,7 +45,7 @@ setup() {
     mkdir -p "$ROOT/mmlu" && tar -xzf .carry/mmlu.tar.gz -C "$ROOT/mmlu"
   fi
   if [ ! -f "$CKPT/config.json" ]; then
-    /usr/bin/time -f 'synth-model: %e s, peak RSS %M KiB' "$QENV/bin/python" -m pipeline.cli synth-model "$CKPT"
+    timed qpipe synth-model "$CKPT"
   fi
   du -sh "$CKPT"
 }
@@ -65,18 +67,13 @@ vllm() {
 }
 
 run() {
-  local recipe=$1 steps=${2:-calibrate,quantize,export,eval,smoke}
+  local recipe=$1 steps=${2:-calibrate,quantize,export,eval,smoke} status=0
   mkdir -p "$OUT"
-  local sampler
-  sampler=$(peak "$recipe")
-  local status=0
-  /usr/bin/time -f "qpipe run $recipe: %e s, peak RSS of the largest process %M KiB" \
-    "$QENV/bin/python" -m pipeline.cli run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
+  timed qpipe run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
     --set calibrate.dataset=calibration/demo-calibration.jsonl --set eval.mmlu_dir="$ROOT/mmlu" \
     --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 || status=$?
-  kill "$sampler" || true
   local dir
-  dir=$(ls -d "$ART"/*/"$recipe"-* | head -1)
+  dir=$(ls -d "$ART"/*/"$recipe"-* 2>/dev/null | head -1) || true
   tar -czf "$OUT/$recipe-run.tar.gz" -C "$dir" manifest.json recipe.yaml reports logs model/README.md \
     model/config.json 2>/dev/null || true
   echo "qpipe run $recipe exit $status"

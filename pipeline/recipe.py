@@ -18,6 +18,17 @@ from pipeline.schemes import SCHEMES, needs_calibration
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 DISTRIBUTED_BACKENDS = ("llmcompressor",)  # backends whose calibration runs data-parallel under torchrun
+DEMO_CALIBRATION = "calibration/demo-calibration.jsonl"
+DEMO_MMLU = "tests/fixtures/mmlu"
+# Data used when the recipe chain names none. The project's small corpus and 15-question MMLU fixture only suit
+# the embedded demo model; a real model gets llm-compressor's usual calibration set and all of MMLU from the hub.
+# The first key of each section decides: the others fill in only when it is unset, so an explicit dataset never
+# inherits ultrachat's split or messages field.
+DEMO_DATA: dict[str, dict[str, Any]] = {"calibrate": {"dataset": DEMO_CALIBRATION}, "eval": {"mmlu_dir": DEMO_MMLU}}
+REAL_MODEL_DATA: dict[str, dict[str, Any]] = {
+    "calibrate": {"dataset": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "messages_field": "messages"},
+    "eval": {"mmlu_dir": None},
+}
 
 
 class Strict(BaseModel):
@@ -38,7 +49,7 @@ class ModelSpec(Strict):
 class CalibrateSpec(Strict):
     """Calibration data: a local file/folder (.jsonl/.json/.parquet/.txt) or a hub dataset id."""
 
-    dataset: str = "calibration/demo-calibration.jsonl"
+    dataset: str = DEMO_CALIBRATION
     subset: str | None = Field(None, description="Hub dataset config name.")
     split: str = "train"
     text_field: str = "text"
@@ -47,6 +58,20 @@ class CalibrateSpec(Strict):
     num_samples: PositiveInt = 128
     max_seq_length: PositiveInt = 512
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_messages_rendering(self) -> CalibrateSpec:
+        if self.messages_field and self.chat_template is False:
+            raise ValueError(
+                "chat_template: messages_field is rendered with the chat template; "
+                "remove chat_template: false or set messages_field: null and a text_field"
+            )
+        return self
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """Explicit `chat_template`, else only for chat messages."""
+        return self.chat_template if self.chat_template is not None else self.messages_field is not None
 
 
 class QuantizeSpec(Strict):
@@ -302,8 +327,21 @@ def build_recipe(data: dict[str, Any], source: str) -> Recipe:
         raise PipelineError(_format_validation_error(source, exc)) from None
 
 
+def apply_data_defaults(data: dict[str, Any]) -> None:
+    """Fill in the calibration and eval data the merged recipe leaves unset, by model (DEMO_DATA/REAL_MODEL_DATA).
+
+    Done on the mapping, before validation, so the effective recipe and the artifact hash show concrete data."""
+    model = data.get("model")
+    real = isinstance(model, dict) and model.get("id") is not None
+    for section, defaults in (REAL_MODEL_DATA if real else DEMO_DATA).items():
+        node = data.setdefault(section, {})
+        if isinstance(node, dict) and next(iter(defaults)) not in node:
+            for key, value in defaults.items():
+                node.setdefault(key, value)
+
+
 def load_recipe(ref: str, overrides: list[str] = (), model: str | None = None) -> tuple[Recipe, Path]:
-    """Resolve, merge `extends:`, apply overrides and `--model`, and validate a recipe."""
+    """Resolve, merge `extends:`, apply overrides, `--model` and the data defaults, and validate a recipe."""
     path = resolve_recipe_path(ref)
     data = _load_with_extends(path)
     data.setdefault("name", path.stem)
@@ -311,6 +349,7 @@ def load_recipe(ref: str, overrides: list[str] = (), model: str | None = None) -
         apply_override(data, assignment)
     if model:
         data.setdefault("model", {})["id"] = model
+    apply_data_defaults(data)
     return build_recipe(data, _display(path)), path
 
 

@@ -61,14 +61,23 @@ def _load_raw(spec: CalibrateSpec) -> Any:
 
 
 def _render(spec: CalibrateSpec, tokenizer: Any, record: dict[str, Any]) -> str:
-    use_chat = spec.chat_template if spec.chat_template is not None else spec.messages_field is not None
+    if not spec.uses_chat_template:
+        return record[spec.text_field]
     if spec.messages_field:
         messages = record[spec.messages_field]
     else:
         messages = [{"role": "user", "content": record[spec.text_field]}]
-    if not use_chat:
-        return record[spec.text_field]
     return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _no_chat_template_fix(spec: CalibrateSpec) -> str:
+    """Chat messages cannot fall back to plain text, so their fix is another column (or other data)."""
+    if spec.messages_field:
+        return (
+            f"calibrate.messages_field: the model's tokenizer has no chat template to render {spec.messages_field!r}; "
+            "set messages_field: null and text_field to a plain-text column (ultrachat_200k: prompt), or other data"
+        )
+    return "calibrate.chat_template: the model's tokenizer has no chat template; set it to false"
 
 
 def select_texts(spec: CalibrateSpec, tokenizer: Any) -> list[str]:
@@ -80,9 +89,8 @@ def select_texts(spec: CalibrateSpec, tokenizer: Any) -> list[str]:
         raise PipelineError(
             f"calibrate.{key}: {field!r} is not a column of {spec.dataset} (columns: {', '.join(raw.column_names)})"
         )
-    wants_chat = spec.chat_template or (spec.chat_template is None and spec.messages_field)
-    if wants_chat and not getattr(tokenizer, "chat_template", None):
-        raise PipelineError("calibrate.chat_template: the model's tokenizer has no chat template; set it to false")
+    if spec.uses_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise PipelineError(_no_chat_template_fix(spec))
     raw = raw.filter(lambda r: bool(r[field])).shuffle(seed=spec.seed)
     if len(raw) == 0:
         raise PipelineError(f"calibrate.dataset: {spec.dataset} has no non-empty {field!r} samples; add data")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -10,9 +11,14 @@ from pipeline.backends import check_backend
 from pipeline.errors import PipelineError
 from pipeline.model_source import check_model_reference, linear_in_features
 from pipeline.quantize import recipe_needs_calibration
-from pipeline.recipe import Recipe, resolve_data_path
+from pipeline.recipe import DEMO_CALIBRATION, DEMO_MMLU, PROJECT_ROOT, REAL_MODEL_DATA, Recipe, resolve_data_path
+from pipeline.run_context import LOGGER_NAME
 from pipeline.schemes import SCHEMES
 from pipeline.text_data import dataset_identity
+
+log = logging.getLogger(LOGGER_NAME)
+DEMO_DATA_DIR = (PROJECT_ROOT / DEMO_CALIBRATION).parent
+FIXTURE_MMLU = PROJECT_ROOT / DEMO_MMLU
 
 
 def _model_config_path(recipe: Recipe) -> Path | None:
@@ -54,25 +60,78 @@ def check_output_dir(path: Path) -> None:
         ) from None
 
 
+def calibration_fact(recipe: Recipe) -> str:
+    """Which calibration data the run will use, so a wrong source shows before a long run."""
+    spec = recipe.calibrate
+    if not recipe_needs_calibration(recipe):
+        return f"calibration: not needed for {recipe.quantize.method} {recipe.quantize.scheme}"
+    files = dataset_identity(spec).get("files")
+    if files:
+        source = str(resolve_data_path(spec.dataset)) + (f" ({len(files)} files)" if len(files) > 1 else "")
+    else:
+        subset = f" {spec.subset}" if spec.subset else ""
+        source = f"hub dataset {spec.dataset}{subset} split {spec.split}"
+    field = f"messages field {spec.messages_field!r}" if spec.messages_field else f"text field {spec.text_field!r}"
+    chat = " with the chat template" if spec.uses_chat_template else ""
+    return f"calibration: {source}, {field}{chat}, {spec.num_samples} x {spec.max_seq_length} tokens"
+
+
+def eval_fact(recipe: Recipe) -> str:
+    """Which MMLU the gate scores on: a local Hendrycks copy (checked) or lm-eval's stock task on the hub."""
+    spec = recipe.eval
+    if not spec.enabled:
+        return "eval: disabled"
+    if spec.mmlu_dir:
+        mmlu = resolve_data_path(spec.mmlu_dir)
+        if not (mmlu / "test").is_dir():
+            raise PipelineError(f"eval.mmlu_dir: {mmlu} has no test/ folder; point at a Hendrycks-layout MMLU copy")
+        source = f"local MMLU {mmlu} ({len(list((mmlu / 'test').glob('*_test.csv')))} subjects)"
+    else:
+        source = "MMLU from the hub (cais/mmlu)"
+    limit = f", limit {spec.limit} per subject" if spec.limit else ""
+    return f"eval: {source}, tasks {', '.join(spec.tasks)}{limit}"
+
+
+def _is_demo_corpus(dataset: str) -> bool:
+    path = resolve_data_path(dataset).resolve()
+    return DEMO_DATA_DIR in (path, path.parent)
+
+
+def _is_mmlu_fixture(mmlu_dir: str | None) -> bool:
+    return mmlu_dir is not None and resolve_data_path(mmlu_dir).resolve() == FIXTURE_MMLU
+
+
+def demo_data_warnings(recipe: Recipe) -> list[str]:
+    """The bundled demo corpus and MMLU fixture are allowed with a real model, but say little about it."""
+    model, warnings = recipe.model.id, []
+    if model is None:
+        return warnings
+    if recipe_needs_calibration(recipe) and _is_demo_corpus(recipe.calibrate.dataset):
+        warnings.append(
+            f"calibrate.dataset: {recipe.calibrate.dataset} is the demo model's small corpus, not data for {model}; "
+            f"remove it to calibrate on {REAL_MODEL_DATA['calibrate']['dataset']} or set your own data"
+        )
+    if recipe.eval.enabled and _is_mmlu_fixture(recipe.eval.mmlu_dir):
+        warnings.append(
+            f"eval.mmlu_dir: {recipe.eval.mmlu_dir} is the project's tiny MMLU fixture, so the gate says little about "
+            f"{model}; remove it for all of MMLU from the hub or point at a full local copy"
+        )
+    return warnings
+
+
 def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
-    """Raise PipelineError on the first problem; return a few facts for the user."""
+    """Raise PipelineError on the first problem; log demo-data warnings; return facts for the user."""
     info = check_backend(recipe.quantize)
     check_model_reference(recipe.model)
     check_group_size(recipe)
-    facts = [f"backend {info.name} writes {info.output_format(recipe.quantize.method)}"]
-    if recipe_needs_calibration(recipe):
-        identity = dataset_identity(recipe.calibrate)
-        facts.append(
-            f"calibration: {len(identity.get('files', [])) or 'hub'} source(s), "
-            f"{recipe.calibrate.num_samples} x {recipe.calibrate.max_seq_length} tokens"
-        )
-    else:
-        facts.append(f"calibration: not needed for {recipe.quantize.method} {recipe.quantize.scheme}")
-    if recipe.eval.enabled and recipe.eval.mmlu_dir:
-        mmlu = resolve_data_path(recipe.eval.mmlu_dir)
-        if not (mmlu / "test").is_dir():
-            raise PipelineError(f"eval.mmlu_dir: {mmlu} has no test/ folder; point at a Hendrycks-layout MMLU copy")
+    facts = [
+        f"backend {info.name} writes {info.output_format(recipe.quantize.method)}",
+        calibration_fact(recipe),
+        eval_fact(recipe),
+    ]
     check_output_dir(output or Path(recipe.export.output_dir))
     if os.environ.get("HF_HUB_OFFLINE") == "1" and recipe.model.id and not Path(recipe.model.id).exists():
         facts.append("HF_HUB_OFFLINE=1: the model must already be in the hub cache")
+    for warning in demo_data_warnings(recipe):
+        log.warning(warning)
     return facts

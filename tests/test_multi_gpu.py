@@ -19,7 +19,13 @@ from pipeline.distributed import LaunchPlan, check_parallel_resources, launch_pl
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.recipe import PROJECT_ROOT, EvalSpec, QuantizeSpec, SmokeSpec, build_recipe, load_recipe
 
-TINY = ["calibrate.num_samples=8", "calibrate.max_seq_length=32", "eval.enabled=false", "smoke.enabled=false"]
+TINY = [
+    "calibrate.dataset=calibration/demo-calibration.jsonl",
+    "calibrate.num_samples=8",
+    "calibrate.max_seq_length=32",
+    "eval.enabled=false",
+    "smoke.enabled=false",
+]
 
 
 def recipe_error(data: dict[str, Any]) -> str:

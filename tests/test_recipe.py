@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.recipe import list_recipe_files, load_recipe
+from pipeline.recipe import list_recipe_files, load_recipe, recipe_yaml
+from pipeline.validate import validate_recipe
 
 BUNDLED = [p.stem for p in list_recipe_files()]
 
@@ -100,3 +103,140 @@ def test_extends_cycle_is_reported(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(PipelineError, match="extends: cycle"):
         load_recipe(str(tmp_path / "a.yaml"))
+
+
+DEMO_CORPUS = "calibration/demo-calibration.jsonl"
+ULTRACHAT = "HuggingFaceH4/ultrachat_200k"
+
+
+@pytest.fixture()
+def real_model(tmp_path: Path) -> str:
+    """A local 'real' model directory: enough config.json for validate (no weights are read)."""
+    model = tmp_path / "my-model"
+    model.mkdir()
+    config = '{"model_type": "qwen3", "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4}'
+    (model / "config.json").write_text(config)
+    return str(model)
+
+
+def test_demo_model_defaults_to_demo_corpus_and_fixture() -> None:
+    recipe, _ = load_recipe("gptq")
+    assert recipe.calibrate.dataset == DEMO_CORPUS
+    assert (recipe.calibrate.split, recipe.calibrate.messages_field) == ("train", None)
+    assert recipe.eval.mmlu_dir == "tests/fixtures/mmlu"
+
+
+@pytest.mark.parametrize("model", ["local", "Qwen/Qwen3-8B"])
+def test_real_model_defaults_to_ultrachat_and_hub_mmlu(model: str, real_model: str) -> None:
+    recipe, _ = load_recipe("awq", model=real_model if model == "local" else model)
+    assert recipe.calibrate.dataset == ULTRACHAT
+    assert (recipe.calibrate.split, recipe.calibrate.messages_field) == ("train_sft", "messages")
+    assert recipe.calibrate.uses_chat_template
+    assert recipe.eval.mmlu_dir is None
+    saved = yaml.safe_load(recipe_yaml(recipe))
+    assert saved["calibrate"]["dataset"] == ULTRACHAT and saved["eval"]["mmlu_dir"] is None
+
+
+def test_model_id_from_set_or_recipe_file_also_selects_real_data(tmp_path: Path) -> None:
+    via_set, _ = load_recipe("gptq", ["model.id=Qwen/Qwen3-8B"])
+    (tmp_path / "r.yaml").write_text("model: {id: Qwen/Qwen3-8B}\n")
+    via_file, _ = load_recipe(str(tmp_path / "r.yaml"))
+    assert via_set.calibrate.dataset == via_file.calibrate.dataset == ULTRACHAT
+
+
+def test_data_defaults_enter_the_artifact_hash() -> None:
+    default, _ = load_recipe("gptq", model="Qwen/Qwen3-8B")
+    other_split, _ = load_recipe("gptq", ["calibrate.split=test_sft"], model="Qwen/Qwen3-8B")
+    assert other_split.calibrate.dataset == ULTRACHAT  # the split alone does not replace the default dataset
+    assert default.artifact_hash() != other_split.artifact_hash()
+
+
+def test_explicit_data_wins_over_real_model_defaults(tmp_path: Path, real_model: str) -> None:
+    (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "mmlu").mkdir()
+    (tmp_path / "r.yaml").write_text(f"calibrate: {{dataset: {tmp_path / 'data.jsonl'}}}\neval: {{mmlu_dir: mmlu}}\n")
+    from_file, _ = load_recipe(str(tmp_path / "r.yaml"), model=real_model)
+    assert from_file.calibrate.dataset == str(tmp_path / "data.jsonl")
+    assert (from_file.calibrate.split, from_file.calibrate.messages_field) == ("train", None)
+    assert from_file.eval.mmlu_dir == "mmlu"
+    from_set, _ = load_recipe("gptq", ["calibrate.dataset=my/data", "eval.mmlu_dir=/data/mmlu"], model=real_model)
+    assert (from_set.calibrate.dataset, from_set.calibrate.messages_field) == ("my/data", None)
+    assert from_set.eval.mmlu_dir == "/data/mmlu"
+
+
+def test_explicit_null_mmlu_dir_wins_for_the_demo_model() -> None:
+    recipe, _ = load_recipe("gptq", ["eval.mmlu_dir=null"])
+    assert recipe.eval.mmlu_dir is None
+
+
+def test_messages_need_the_chat_template() -> None:
+    with pytest.raises(PipelineError, match="calibrate.chat_template: messages_field is rendered with the chat"):
+        load_recipe("gptq", ["calibrate.chat_template=false"], model="Qwen/Qwen3-8B")
+
+
+def test_demo_data_with_real_model_warns(real_model: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    explicit = [f"calibrate.dataset={DEMO_CORPUS}", "eval.mmlu_dir=tests/fixtures/mmlu"]
+    recipe, _ = load_recipe("gptq", explicit, model=real_model)
+    with caplog.at_level(logging.WARNING, logger="qpipe"):
+        validate_recipe(recipe, tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "qpipe" and r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"calibrate.dataset: {DEMO_CORPUS} is the demo model's small corpus")
+    assert warnings[1].startswith("eval.mmlu_dir: tests/fixtures/mmlu is the project's tiny MMLU fixture")
+    assert all("\n" not in w for w in warnings)
+
+
+def test_demo_data_with_demo_model_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recipe, _ = load_recipe("gptq")
+    with caplog.at_level(logging.WARNING, logger="qpipe"):
+        validate_recipe(recipe, tmp_path / "out")
+    assert not [r for r in caplog.records if r.name == "qpipe" and r.levelno >= logging.WARNING]
+
+
+def test_validate_facts_name_the_data(real_model: str, tmp_path: Path) -> None:
+    demo, _ = load_recipe("gptq", ["eval.limit=5"])
+    facts = validate_recipe(demo, tmp_path / "out")
+    assert any(
+        f.startswith("calibration: ") and f.endswith(f"{DEMO_CORPUS}, text field 'text', 128 x 512 tokens")
+        for f in facts
+    ), facts
+    assert any(
+        f.startswith("eval: local MMLU ") and "(3 subjects)" in f and f.endswith("limit 5 per subject") for f in facts
+    ), facts
+    real, _ = load_recipe("gptq", model=real_model)
+    facts = validate_recipe(real, tmp_path / "out")
+    assert (
+        f"calibration: hub dataset {ULTRACHAT} split train_sft, messages field 'messages' with the chat template, "
+        "128 x 512 tokens"
+    ) in facts
+    assert "eval: MMLU from the hub (cais/mmlu), tasks mmlu" in facts
+    fp8, _ = load_recipe("fp8", ["eval.enabled=false"], model=real_model)
+    assert {"calibration: not needed for rtn FP8_DYNAMIC", "eval: disabled"} <= set(validate_recipe(fp8, tmp_path))
+
+
+def test_cli_validate_prints_facts_and_warning(
+    real_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.cli import main
+
+    args = ["validate", "gptq", "--model", real_model, "--set", f"calibrate.dataset={DEMO_CORPUS}"]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(": OK (gptq W4A16)")
+    assert any(line.startswith("  calibration: ") and DEMO_CORPUS in line for line in out)
+    assert "  eval: MMLU from the hub (cais/mmlu), tasks mmlu" in out
+    assert "is the demo model's small corpus" in caplog.text
+
+
+def test_messages_without_chat_template_name_the_plain_text_fix(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.recipe import CalibrateSpec
+    from pipeline.text_data import select_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.chat_template = None  # a base model's tokenizer
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}\n')
+    with pytest.raises(PipelineError, match="calibrate.messages_field: .* no chat template .*text_field"):
+        select_texts(CalibrateSpec(dataset=str(data), messages_field="messages"), tokenizer)
