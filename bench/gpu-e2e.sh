@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROOT=/tmp/qpipe-e2e
+ROOT=${QPIPE_E2E_ROOT:-/tmp/qpipe-e2e}
+SYNTH_ARGS=${SYNTH_ARGS:-}        # e.g. "--layers 1 --scale 0.03125" for a dry run of this script on a CPU
 QENV=$ROOT/qenv                   # the main env: carried wheels over the image's torch/transformers
 CKPT=$ROOT/qwen3-8b-synth          # `qpipe synth-model` output
 ART=$ROOT/artifacts
@@ -45,7 +46,8 @@ setup() {
     mkdir -p "$ROOT/mmlu" && tar -xzf .carry/mmlu.tar.gz -C "$ROOT/mmlu"
   fi
   if [ ! -f "$CKPT/config.json" ]; then
-    timed qpipe synth-model "$CKPT"
+    # shellcheck disable=SC2086
+    timed qpipe synth-model "$CKPT" $SYNTH_ARGS
   fi
   du -sh "$CKPT"
 }
