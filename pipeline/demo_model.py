@@ -33,6 +33,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from pipeline import demo_corpus
+from pipeline.paths import default_cache_root
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,6 @@ def build_fingerprint(spec: DemoModelSpec = DemoModelSpec()) -> str:
         "corpus": demo_corpus.corpus_fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def default_cache_root() -> Path:
-    """``$QPIPE_CACHE`` if set, else ``~/.cache/qpipe``."""
-    return Path(os.environ.get("QPIPE_CACHE") or Path.home() / ".cache" / "qpipe")
 
 
 def demo_model_dir(cache_root: Path | None = None) -> Path:

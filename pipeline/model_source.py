@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.atomic import write_json_atomic
 from pipeline.errors import PipelineError
 from pipeline.manifest import sha256_file
+from pipeline.paths import default_cache_root
 from pipeline.recipe import ModelSpec
 
 log = logging.getLogger("qpipe")  # run_context.LOGGER_NAME; importing it here would be circular
@@ -110,8 +111,6 @@ def _hub_blob_sha256(path: Path) -> str | None:
 
 
 def _digest_cache_path() -> Path:
-    from pipeline.demo_model import default_cache_root
-
     return default_cache_root() / DIGEST_CACHE_FILE
 
 
