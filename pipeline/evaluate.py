@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json_atomic
-from pipeline.gate import MetricCheck, check_recovery, gate_verdict
+from pipeline.gate import MetricCheck, check_recovery, combine, paired_recovery
 from pipeline.manifest import fingerprint, library_versions
 from pipeline.paths import default_cache_root
 from pipeline.recipe import CalibrateSpec, EvalSpec, Recipe, resolve_data_path
@@ -76,7 +76,7 @@ def baseline_summary(ctx: RunContext, recipe: Recipe, include: Path | None, data
 
     spec = recipe.eval
     key = fingerprint(
-        "baseline/v2",
+        "baseline/v3",  # v3: per-question results for the paired gate
         ctx.source.identity,
         ctx.source.revision,
         ctx.model_fingerprint,
@@ -115,11 +115,46 @@ def fidelity(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     return {**result, "dataset": spec.fidelity_dataset}
 
 
+def leaf_tasks(summary: dict[str, Any], task: str) -> list[str]:
+    """The tasks whose questions make up `task`: a group's subtasks, recursively; a plain task itself."""
+    children = summary.get("group_subtasks", {}).get(task)
+    if not children:
+        return [task]
+    return [leaf for child in children for leaf in leaf_tasks(summary, child)]
+
+
+def paired_checks(baseline: dict[str, Any], quantized: dict[str, Any], spec: EvalSpec, minimum: float) -> list[dict]:
+    """Per gated task: the paired recovery interval and verdict over the questions both models answered, and
+    which subtasks' questions flipped each way."""
+    checks = []
+    for task in spec.tasks:
+        base_scores, quant_scores, flips = [], [], {}
+        for leaf in leaf_tasks(quantized, task):
+            base, quant = baseline.get("questions", {}).get(leaf, {}), quantized.get("questions", {}).get(leaf, {})
+            common = sorted(set(base) & set(quant), key=lambda doc: (len(doc), doc))
+            base_scores += [base[doc] for doc in common]
+            quant_scores += [quant[doc] for doc in common]
+            gained = sum(base[d] < 0.5 <= quant[d] for d in common)
+            lost = sum(quant[d] < 0.5 <= base[d] for d in common)
+            if gained or lost:
+                flips[leaf] = {"gained": gained, "lost": lost, "questions": len(common)}
+        if base_scores:
+            result = paired_recovery(base_scores, quant_scores, minimum, spec.min_questions)
+            checks.append({"task": task, **result.model_dump(), "flips": flips})
+    return checks
+
+
+def gate(paired: list[dict], checks: list[MetricCheck]) -> str:
+    """The paired verdicts of every gated task; an absolute floor (`eval.min_scores`) missed fails it outright."""
+    floor_missed = any(c.floor is not None and c.quantized < c.floor for c in checks)
+    return combine([p["verdict"] for p in paired] + (["failed"] if floor_missed else []))
+
+
 def min_recovery(recipe: Recipe) -> float:
     return recipe.eval.min_recovery or SCHEMES[recipe.quantize.scheme].default_min_recovery
 
 
-def print_table(checks: list[MetricCheck], fid: dict[str, Any], verdict: str) -> None:
+def print_table(checks: list[MetricCheck], paired: list[dict], fid: dict[str, Any], verdict: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -139,6 +174,11 @@ def print_table(checks: list[MetricCheck], fid: dict[str, Any], verdict: str) ->
         )
     console = Console(stderr=True)
     console.print(table)
+    for p in paired:
+        console.print(
+            f"{p['task']}: recovery {p['recovery']:.1%} over {p['questions']} paired questions "
+            f"({p['gained']} gained, {p['lost']} lost): {p['verdict']}, {p['reason']}"
+        )
     console.print(
         f"fidelity: KL(base||quant) {fid['kl_mean']:.5f} nats/token, top-1 agreement {fid['top1_agreement']:.1%} "
         f"over {fid['tokens']} tokens; gate: {verdict}"
@@ -156,11 +196,13 @@ def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     quantized = _evaluate(ctx.model_dir, recipe, include, ctx.logs_dir / "eval-quantized.log")
     fid = fidelity(recipe, ctx)
     checks = check_recovery(scores(baseline), scores(quantized), spec.tasks, min_recovery(recipe), spec.min_scores)
-    verdict = gate_verdict(checks)
+    paired = paired_checks(baseline, quantized, spec, min_recovery(recipe))
+    verdict = gate(paired, checks)
     report = {
         "gate": verdict,
         "min_recovery": min_recovery(recipe),
         "min_scores": spec.min_scores,
+        "paired": paired,
         "checks": [c.model_dump() for c in checks],
         "fidelity": fid,
         "data": data,
@@ -169,9 +211,10 @@ def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
         "quantized": quantized,
     }
     write_json_atomic(ctx.reports_dir / "eval.json", report)
-    print_table(checks, fid, verdict)
+    print_table(checks, paired, fid, verdict)
     return {
         "gate": verdict,
+        "paired": {p["task"]: [round(p["ci_low"], 4), round(p["ci_high"], 4), p["questions"]] for p in paired},
         "path": "reports/eval.json",
         "recovery": {f"{c.task}/{c.metric}": round(c.recovery, 4) for c in checks},
         "kl_mean": fid["kl_mean"],

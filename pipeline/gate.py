@@ -1,9 +1,17 @@
-"""Recovery (quantized / baseline per metric) and the quality gate; pure functions over eval summaries."""
+"""Recovery (quantized / baseline per metric) and the quality gate; pure functions over eval summaries.
+
+The verdict comes from paired per-question results: both models answer the same questions, so the question is
+the unit and each falls in one of four cells (right/wrong for base x right/wrong for quantized). Resampling
+questions with replacement is then a multinomial draw over the four cell counts, so a paired bootstrap of the
+recovery costs O(resamples) and uses integer counts only: the interval is the same on every CPU.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel
 
 GATE_METRICS = ("acc", "acc_norm", "exact_match")
@@ -73,6 +81,92 @@ def check_recovery(
     return checks
 
 
-def gate_verdict(checks: list[MetricCheck]) -> str:
-    """ "passed" when every check passes (and there is at least one), else "failed"."""
-    return "passed" if checks and all(c.passed for c in checks) else "failed"
+Verdict = Literal["passed", "failed", "inconclusive"]
+RESAMPLES = 10_000
+CONFIDENCE = 0.95
+SEED = 0
+
+
+class PairedRecovery(BaseModel):
+    """Recovery with its paired-bootstrap interval, the flips each way, and the verdict against `min_recovery`."""
+
+    questions: int
+    baseline: float
+    quantized: float
+    recovery: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    gained: int  # wrong for the base model, right for the quantized one
+    lost: int  # right for the base model, wrong for the quantized one
+    min_recovery: float
+    min_questions: int
+    verdict: Verdict
+    reason: str
+
+
+def _ratio(quantized: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """quantized / baseline per resample; a zero baseline counts as recovered when quantized is not below it."""
+    safe = np.where(baseline > 0, baseline, 1)
+    return np.where(baseline > 0, quantized / safe, (quantized >= baseline).astype(float))
+
+
+def paired_recovery(
+    baseline: Sequence[float],
+    quantized: Sequence[float],
+    min_recovery: float,
+    min_questions: int,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> PairedRecovery:
+    """Verdict from per-question correctness (1/0, same question order): `passed` when the whole interval is at or
+    above `min_recovery`, `failed` when it is below, else (or with fewer than `min_questions`) `inconclusive`."""
+    base = np.asarray(baseline, dtype=float) > 0.5
+    quant = np.asarray(quantized, dtype=float) > 0.5
+    if base.shape != quant.shape:
+        raise ValueError(f"paired results differ in length: {base.size} baseline vs {quant.size} quantized")
+    n = int(base.size)
+    cells = np.array([(base & quant).sum(), (base & ~quant).sum(), (~base & quant).sum(), (~base & ~quant).sum()])
+    if n == 0:
+        raise ValueError("no paired questions to compare")
+    draws = np.random.default_rng(SEED).multinomial(n, cells / n, size=resamples)
+    boot = _ratio((draws[:, 0] + draws[:, 2]).astype(float), (draws[:, 0] + draws[:, 1]).astype(float))
+    tail = (1 - confidence) / 2
+    low, high = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
+    point = float(_ratio(np.array([cells[0] + cells[2]], float), np.array([cells[0] + cells[1]], float))[0])
+    verdict, reason = _decide(low, high, n, min_recovery, min_questions, confidence)
+    return PairedRecovery(
+        questions=n,
+        baseline=float(base.mean()),
+        quantized=float(quant.mean()),
+        recovery=point,
+        ci_low=low,
+        ci_high=high,
+        confidence=confidence,
+        gained=int(cells[2]),
+        lost=int(cells[1]),
+        min_recovery=min_recovery,
+        min_questions=min_questions,
+        verdict=verdict,
+        reason=reason,
+    )
+
+
+def _decide(
+    low: float, high: float, n: int, min_recovery: float, min_questions: int, confidence: float
+) -> tuple[Verdict, str]:
+    interval = f"{confidence:.0%} interval {low:.1%}-{high:.1%}"
+    if n < min_questions:
+        return "inconclusive", f"n = {n} questions < eval.min_questions {min_questions} ({interval})"
+    if low >= min_recovery:
+        return "passed", f"{interval} at or above {min_recovery:.0%} (n = {n})"
+    if high < min_recovery:
+        return "failed", f"{interval} below {min_recovery:.0%} (n = {n})"
+    return "inconclusive", f"{interval} straddles {min_recovery:.0%} (n = {n}); evaluate more questions"
+
+
+def combine(verdicts: Sequence[Verdict]) -> Verdict:
+    """The gate over several checks: failed if any failed, else inconclusive if any is, else passed (none: failed)."""
+    if not verdicts or "failed" in verdicts:
+        return "failed"
+    return "inconclusive" if "inconclusive" in verdicts else "passed"

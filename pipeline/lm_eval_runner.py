@@ -51,7 +51,7 @@ def run_lm_eval(
             batch_size=batch_size,
             device=device,
             task_manager=task_manager,
-            log_samples=False,
+            log_samples=True,  # per-question results: the gate pairs them across the two models
         )
     except ConnectionError as err:  # datasets' error for a hub data set that is offline and not cached
         raise EvalDataUnavailable(f"{str(err).splitlines()[0]}; {LOCAL_HINT}") from err
@@ -137,7 +137,21 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "n_samples": n_samples,
         "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
         "config_hash": config_hash(results.get("configs", {})),
+        "questions": per_question(results),
     }
+
+
+def per_question(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per task, each question's score (doc_id -> its first accuracy-like metric) from lm-eval's logged samples."""
+    out: dict[str, dict[str, float]] = {}
+    for task, samples in (results.get("samples") or {}).items():
+        rows: dict[str, float] = {}
+        for sample in samples:
+            metric = next((m for m in METRICS if m in sample), None)
+            if metric is not None:
+                rows.setdefault(str(sample["doc_id"]), float(sample[metric]))
+        out[task] = rows
+    return out
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, float | None]:

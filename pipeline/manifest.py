@@ -97,7 +97,7 @@ class Manifest(BaseModel):
     command: str = Field(default_factory=lambda: " ".join(sys.argv))
     model: dict[str, Any] = Field(default_factory=dict)
     status: Literal["running", "complete", "failed"] = "running"
-    gate: Literal["passed", "failed", "not-run"] = "not-run"
+    gate: Literal["passed", "failed", "inconclusive", "not-run"] = "not-run"
     created: str = Field(default_factory=now_iso)
     updated: str = Field(default_factory=now_iso)
     stages: dict[str, StageRecord] = Field(default_factory=dict)

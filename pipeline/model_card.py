@@ -278,6 +278,7 @@ def eval_section(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
         "min_recovery": report.get("min_recovery"),
         "min_scores": report.get("min_scores") or {},
         "checks": report.get("checks", []),
+        "paired": report.get("paired", []),
         "failed": [c for c in report.get("checks", []) if not c.get("passed")],
         "rows": metric_rows(report["baseline"], report["quantized"]),
         "fidelity": report.get("fidelity"),

@@ -160,6 +160,9 @@ class EvalSpec(Strict):
     mmlu_dir: str | None = Field(None, description="Local MMLU in the Hendrycks CSV layout.")
     min_recovery: float | None = Field(None, gt=0, le=1.5, description="Default: by scheme.")
     min_scores: dict[str, float] = Field(default_factory=dict, description="Absolute floors per metric.")
+    min_questions: PositiveInt = Field(
+        100, description="Fewer paired questions than this make the gate inconclusive, whatever the interval says."
+    )
     fidelity_dataset: str = "calibration/demo-heldout.jsonl"
     fidelity_samples: PositiveInt = 32
     fidelity_max_length: PositiveInt = 256

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.atomic import write_text_atomic
 from pipeline.distributed import check_parallel_resources
-from pipeline.errors import GateFailed
+from pipeline.errors import GateFailed, GateInconclusive
 from pipeline.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
 from pipeline.model_card import write_model_card
 from pipeline.model_source import ModelSource, model_fingerprint, resolve_model
@@ -199,8 +199,8 @@ def run_pipeline(
 ) -> RunContext:
     """Run (or resume) the recipe; returns the context whose manifest records every stage.
 
-    A failed quality gate is recorded (manifest `gate: failed`, artifact kept) and raised after the
-    remaining stages ran, so the exit code says so."""
+    A failed or inconclusive quality gate is recorded (manifest `gate`, artifact kept) and raised after the
+    remaining stages ran, so the exit code says so (3 failed, 4 inconclusive)."""
     ctx = _open_context(recipe, recipe_source, output)
     handler = _attach_log_file(ctx.run_dir)
     try:
@@ -232,4 +232,9 @@ def run_pipeline(
         handler.close()
     if ctx.manifest.gate == "failed":
         raise GateFailed(f"eval: quality gate failed; artifact kept at {ctx.run_dir} (manifest gate: failed)")
+    if ctx.manifest.gate == "inconclusive":
+        raise GateInconclusive(
+            f"eval: quality gate inconclusive (see reports/eval.json: evaluate more questions, e.g. raise or remove "
+            f"eval.limit); artifact kept at {ctx.run_dir} (manifest gate: inconclusive)"
+        )
     return ctx

@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.backends import backend_info
 from pipeline.backends.gptqmodel_backend import DEFAULT_GROUP_SIZE
-from pipeline.errors import GateFailed, PipelineError
+from pipeline.errors import GateFailed, GateInconclusive, PipelineError
 from pipeline.export import RECIPE_FILE
 from pipeline.manifest import Manifest, hash_tree
 from pipeline.recipe import QuantizeSpec, Recipe, build_recipe
@@ -226,8 +226,9 @@ def require_verified(result: Verification, allow_failed_gate: bool) -> None:
             f"{root}: verify failed with {len(result.problems)} problem(s) listed above; "
             "rebuild the artifact with `qpipe run` (do not publish a modified copy)"
         )
-    if result.gate == "failed" and not allow_failed_gate:
-        raise GateFailed(
-            f"{root}: the quality gate failed (manifest gate: failed); see reports/eval.json or the model card, "
-            "or pass --allow-failed-gate to accept it"
+    if result.gate != "passed" and not allow_failed_gate:
+        error = GateInconclusive if result.gate == "inconclusive" else GateFailed
+        raise error(
+            f"{root}: only a passed quality gate is published (manifest gate: {result.gate}); see reports/eval.json "
+            "or the model card, or pass --allow-failed-gate to accept it"
         )

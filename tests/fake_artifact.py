@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from pipeline.evaluate import gate, paired_checks
 from pipeline.export import RECIPE_FILE
-from pipeline.gate import check_recovery, gate_verdict
+from pipeline.gate import check_recovery
 from pipeline.manifest import Manifest, StageRecord, hash_tree, library_versions
 from pipeline.model_card import write_card
-from pipeline.recipe import Recipe, build_recipe, recipe_yaml
+from pipeline.recipe import EvalSpec, Recipe, build_recipe, recipe_yaml
 
 BASE_ID = "Qwen/Qwen3-0.6B"
 W4A16_GROUP = {
@@ -56,28 +57,41 @@ def fake_recipe() -> Recipe:
     return build_recipe(data, "fake")
 
 
-def summary(acc: float, subtasks: dict[str, float]) -> dict[str, Any]:
-    """An lm-eval summary as `pipeline.lm_eval_runner.summarize` writes it."""
-    tasks = {name: {"alias": name, "acc": v, "acc_stderr": 0.05, "n_samples": 20} for name, v in subtasks.items()}
+# per gate outcome: (questions per subject, base right, quantized right) with the quantized model's right answers a
+# subset of the base model's, so every flip is a loss
+OUTCOMES = {"passed": (200, 104, 104), "failed": (200, 104, 80), "inconclusive": (5, 3, 2)}
+SUBJECTS = ("mmlu_anatomy", "mmlu_astronomy")
+
+
+def summary(per_subject: int, right: int) -> dict[str, Any]:
+    """An lm-eval summary as `pipeline.lm_eval_runner.summarize` writes it, with per-question results."""
+    acc = right / per_subject
+    tasks = {name: {"alias": name, "acc": acc, "acc_stderr": 0.05, "n_samples": per_subject} for name in SUBJECTS}
+    questions = {name: {str(i): float(i < right) for i in range(per_subject)} for name in SUBJECTS}
     return {
         "lm_eval_version": "0.4.13",
         "tasks": tasks,
-        "groups": {"mmlu": {"alias": "mmlu", "acc": acc, "acc_stderr": 0.012, "n_samples": 1140}},
+        "groups": {"mmlu": {"alias": "mmlu", "acc": acc, "acc_stderr": 0.012, "n_samples": 2 * per_subject}},
+        "group_subtasks": {"mmlu": list(SUBJECTS)},
+        "questions": questions,
         "wall_s": 12.5,
     }
 
 
-def eval_report(gate_ok: bool) -> dict[str, Any]:
-    baseline = summary(0.52, {"mmlu_anatomy": 0.5, "mmlu_astronomy": 0.55})
-    quantized = summary(0.51 if gate_ok else 0.40, {"mmlu_anatomy": 0.5, "mmlu_astronomy": 0.5})
+def eval_report(outcome: str) -> dict[str, Any]:
+    """reports/eval.json as the eval stage writes it, for a run whose gate came out as `outcome`."""
+    per_subject, base_right, quant_right = OUTCOMES[outcome]
+    baseline, quantized = summary(per_subject, base_right), summary(per_subject, quant_right)
     checks = check_recovery(
         {**baseline["tasks"], **baseline["groups"]}, {**quantized["tasks"], **quantized["groups"]}, ["mmlu"], 0.96, {}
     )
+    paired = paired_checks(baseline, quantized, EvalSpec(), 0.96)
     fidelity = {"kl_mean": 0.0123, "top1_agreement": 0.931, "tokens": 8000, "texts": 32, "dataset": "heldout.jsonl"}
-    return {
-        "gate": gate_verdict(checks),
+    report = {
+        "gate": gate(paired, checks),
         "min_recovery": 0.96,
         "min_scores": {},
+        "paired": paired,
         "checks": [c.model_dump() for c in checks],
         "fidelity": fidelity,
         "data": {"source": "local"},
@@ -85,6 +99,8 @@ def eval_report(gate_ok: bool) -> dict[str, Any]:
         "baseline": {**baseline, "cached": True},
         "quantized": quantized,
     }
+    assert report["gate"] == outcome, report["paired"]
+    return report
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -123,14 +139,14 @@ def write_model_dir(model: Path, recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def make_run_dir(root: Path, gate_ok: bool = True, smoke: bool = True) -> Path:
+def make_run_dir(root: Path, outcome: str = "passed", smoke: bool = True) -> Path:
     """A complete run directory under `root`, card included; `smoke=False` leaves the smoke stage unrun."""
     recipe = fake_recipe()
     base = root / "hub-cache" / "Qwen3-0.6B"
     write_base_model(base)
     run_dir = root / "artifacts" / "Qwen--Qwen3-0.6B" / f"gptq-{recipe.artifact_hash()}"
     export = write_model_dir(run_dir / "model", recipe)
-    report = eval_report(gate_ok)
+    report = eval_report(outcome)
     write_json(run_dir / "reports" / "eval.json", report)
     versions = library_versions()
     stages = {

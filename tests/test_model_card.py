@@ -56,8 +56,9 @@ def test_card_states_what_was_done(tmp_path: Path) -> None:
 
 def test_results_table_has_baseline_quantized_recovery_and_stderr(tmp_path: Path) -> None:
     results = section(card_of(make_run_dir(tmp_path)), "Evaluation: base model vs quantized")
-    assert "| mmlu | acc | 0.5200 ± 0.0120 | 0.5100 ± 0.0120 | 98.1% | pass (min 96.0%) |" in results
-    assert "| mmlu_astronomy | acc | 0.5500 ± 0.0500 | 0.5000 ± 0.0500 | 90.9% |" in results
+    assert "| mmlu | 400 | 0.5200 | 0.5200 | 100.0% | 100.0% – 100.0% | 0 / 0 | passed |" in results
+    assert "| mmlu | acc | 0.5200 ± 0.0120 | 0.5200 ± 0.0120 | 100.0% | pass (min 96.0%) |" in results
+    assert "| mmlu_astronomy | acc | 0.5200 ± 0.0500 | 0.5200 ± 0.0500 | 100.0% |" in results
     assert "KL(base ‖ quantized) = 0.0123 nats/token, top-1 agreement 93.1%" in results
     assert "at most 20 questions per task" in results
 
@@ -76,11 +77,19 @@ def test_smoke_figures_deploy_versions_and_command(tmp_path: Path) -> None:
 
 
 def test_failed_gate_is_stated_at_the_top(tmp_path: Path) -> None:
-    card = card_of(make_run_dir(tmp_path, gate_ok=False))
+    card = card_of(make_run_dir(tmp_path, outcome="failed"))
     top = card.split("## What was done", 1)[0]
     assert "Quality gate FAILED" in top
     assert "mmlu/acc recovered 76.9%, minimum 96.0%" in top
     assert "**FAIL**" in section(card, "Evaluation: base model vs quantized")
+
+
+def test_inconclusive_gate_is_stated_at_the_top_with_its_reason(tmp_path: Path) -> None:
+    card = card_of(make_run_dir(tmp_path, outcome="inconclusive"))
+    top = card.split("## What was done", 1)[0]
+    assert "Quality gate inconclusive" in top
+    assert "mmlu: n = 10 questions < eval.min_questions 100" in top
+    assert "| mmlu | 10 | 0.6000 | 0.4000 | 66.7% |" in section(card, "Evaluation: base model vs quantized")
 
 
 def test_stages_that_did_not_run_say_so(tmp_path: Path) -> None:

@@ -128,10 +128,19 @@ def test_recipe_expectations_match_compressed_tensors_presets(tmp_path: Path, sc
 
 
 def test_verify_failed_gate_exits_3_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir = make_run_dir(tmp_path, gate_ok=False)
+    run_dir = make_run_dir(tmp_path, outcome="failed")
     assert qpipe("verify", run_dir) == 3
-    assert "quality gate failed" in capsys.readouterr().err
+    assert "only a passed quality gate is published (manifest gate: failed)" in capsys.readouterr().err
     assert qpipe("verify", run_dir, "--allow-failed-gate") == 0
+
+
+def test_an_inconclusive_gate_is_not_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Too few questions to decide: exit 4, nothing written, unless explicitly allowed."""
+    run_dir = make_run_dir(tmp_path, outcome="inconclusive")
+    dest = tmp_path / "published"
+    assert qpipe("publish", run_dir, "--to", dest) == 4
+    assert "manifest gate: inconclusive" in capsys.readouterr().err and not dest.exists()
+    assert qpipe("publish", run_dir, "--to", dest, "--allow-failed-gate") == 0
 
 
 def test_verify_names_a_folder_that_is_not_an_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,7 +179,7 @@ def test_publish_refuses_a_tampered_artifact(run_dir: Path, tmp_path: Path, caps
 
 
 def test_publish_refuses_a_failed_gate_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir = make_run_dir(tmp_path, gate_ok=False)
+    run_dir = make_run_dir(tmp_path, outcome="failed")
     dest = tmp_path / "out"
     assert qpipe("publish", run_dir, "--to", dest) == 3
     assert "--allow-failed-gate" in capsys.readouterr().err
