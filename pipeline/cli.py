@@ -279,8 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except PipelineError as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, but the same exit code: scripts still tell bad input from a failed gate
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

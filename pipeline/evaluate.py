@@ -56,6 +56,7 @@ def _evaluate(model_path: Path, recipe: Recipe, include: Path | None, log_file: 
         "include_path": include,
         "backend": spec.backend,
         "tensor_parallel_size": spec.tensor_parallel_size,
+        "trust_remote_code": recipe.model.trust_remote_code,
     }
     start = time.perf_counter()
     if spec.backend == "vllm":
@@ -109,9 +110,12 @@ def fidelity(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     from pipeline.text_data import select_texts
 
     spec = recipe.eval
-    tokenizer = AutoTokenizer.from_pretrained(ctx.source.path)
+    trust = recipe.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=trust)
     texts = select_texts(CalibrateSpec(dataset=spec.fidelity_dataset, num_samples=spec.fidelity_samples), tokenizer)
-    result = next_token_fidelity(ctx.source.path, ctx.model_dir, texts, spec.fidelity_max_length, batch_size=4)
+    result = next_token_fidelity(
+        ctx.source.path, ctx.model_dir, texts, spec.fidelity_max_length, batch_size=4, trust_remote_code=trust
+    )
     return {**result, "dataset": spec.fidelity_dataset}
 
 

@@ -28,7 +28,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_causal_lm(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> Any:
+def load_causal_lm(
+    model_dir: Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+) -> Any:
     """Load a causal LM for inference on `device`; compressed-tensors checkpoints are dequantized at load time.
 
     `dtype` "auto" keeps the checkpoint's own dtype."""
@@ -38,7 +40,9 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32", device: str = "cpu")
     kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if is_compressed_tensors(model_dir):
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(model_dir, device_map=device, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map=device, trust_remote_code=trust_remote_code, **kwargs
+    ).eval()
 
 
 def next_token_fidelity(
@@ -48,6 +52,7 @@ def next_token_fidelity(
     max_length: int,
     batch_size: int,
     device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, float | int | str]:
     """Mean next-token KL(base || quant) and top-1 agreement over all non-pad positions of ``texts``.
 
@@ -60,7 +65,7 @@ def next_token_fidelity(
     start = time.perf_counter()
     device = device or default_device()
     dtype = "auto" if device != "cpu" else "float32"
-    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -68,9 +73,9 @@ def next_token_fidelity(
         tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         for i in range(0, len(texts), batch_size)
     ]
-    base_logps = _all_log_probs(load_causal_lm(base_model_dir, dtype, device), batches)
+    base_logps = _all_log_probs(load_causal_lm(base_model_dir, dtype, device, trust_remote_code), batches)
     release_accelerator_memory()
-    quant = load_causal_lm(quant_model_dir, dtype, device)
+    quant = load_causal_lm(quant_model_dir, dtype, device, trust_remote_code)
     kl_sum, agree, tokens = 0.0, 0, 0
     with torch.inference_mode():
         for batch, base_logp in zip(batches, base_logps, strict=True):

@@ -32,6 +32,7 @@ def run_lm_eval(
     backend: str = "hf",
     tensor_parallel_size: int = 1,
     engine_args: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model_path`` on ``tasks`` with lm-eval and return :func:`summarize` of the results.
 
@@ -44,7 +45,7 @@ def run_lm_eval(
     try:
         results = simple_evaluate(
             model=backend,
-            model_args=model_args(model_path, dtype, tensor_parallel_size, backend, engine_args),
+            model_args=model_args(model_path, dtype, tensor_parallel_size, backend, engine_args, trust_remote_code),
             tasks=tasks,
             num_fewshot=num_fewshot,
             limit=limit,
@@ -64,12 +65,15 @@ def model_args(
     tensor_parallel_size: int,
     backend: str = "hf",
     engine_args: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """lm-eval's model arguments. vllm: ``tensor_parallel_size`` plus ``engine_args`` for ``vllm.LLM``.
     hf: more than one GPU becomes ``parallelize=True``: accelerate's ``device_map="auto"`` splits the layers
     over all visible GPUs (HFLM has no tensor parallelism in-process; its ``tp_plan`` needs a torchrun
     launch). Restrict the GPUs with CUDA_VISIBLE_DEVICES."""
     args: dict[str, Any] = {"pretrained": model_path, "dtype": dtype}
+    if trust_remote_code:
+        args["trust_remote_code"] = True
     if backend == "vllm":
         return {**args, "tensor_parallel_size": tensor_parallel_size, **(engine_args or {})}
     if tensor_parallel_size > 1:

@@ -25,6 +25,8 @@ DIGEST_CACHE_VERSION = 1
 LOG_HASH_BYTES = 1 << 30  # say so when fingerprinting streams more than this: it takes seconds
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.py")
 
 
@@ -62,6 +64,11 @@ def check_model_reference(spec: ModelSpec) -> None:
         raise PipelineError(f"model.id: {spec.id} does not exist; pass an existing model directory or a hub id")
     if not (path / "config.json").is_file():
         raise PipelineError(f"model.id: {spec.id} has no config.json; point at a Hugging Face model directory")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise PipelineError(
+            f"model.id: {spec.id} has config.json but no weights (*.safetensors or *.bin); "
+            "copy the weight files there or point at the complete model directory"
+        )
 
 
 def resolve_model(spec: ModelSpec) -> ModelSource:
@@ -73,15 +80,21 @@ def resolve_model(spec: ModelSpec) -> ModelSource:
     check_model_reference(spec)
     if _looks_local(spec.id):
         return ModelSource("local", spec.id, Path(spec.id).expanduser().resolve(), None)
-    return ModelSource("hub", spec.id, _download(spec.id, spec.revision), spec.revision)
+    return ModelSource("hub", spec.id, _download(spec.id, spec.revision, spec.trust_remote_code), spec.revision)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def download_patterns(trust_remote_code: bool) -> list[str]:
+    """Safetensors weights, configs and tokenizer files; the repository's Python code only when the recipe trusts
+    it (`model.trust_remote_code`). Pickled `*.bin` weights are never fetched: loading them can run code."""
+    return [*HUB_FILES, *(["*.py"] if trust_remote_code else [])]
+
+
+def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES)))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=download_patterns(trust_remote_code)))
     except RepositoryNotFoundError:
         raise PipelineError(
             f"model.id: {repo_id} is not a model on the hub; check the id or pass a local directory"

@@ -255,7 +255,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = f" line {mark.line + 1}" if mark else ""
         raise PipelineError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
     if data is None:
-        data = {}
+        raise PipelineError(f"{path}: the recipe file is empty; add `extends: _base.yaml` and a quantize section")
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a recipe must be a YAML mapping of sections; got {type(data).__name__}")
     return data

@@ -59,9 +59,12 @@ def gpu_memory_utilization() -> float | None:
     return None if free is None else round(min(0.9, free - 0.03), 3)
 
 
-def run_worker(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
+def run_worker(
+    python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Run the worker on `model_dir`; a crash or timeout becomes a one-line StageFailed (log kept)."""
     request = {
+        "trust_remote_code": trust_remote_code,
         "gpu_memory_utilization": gpu_memory_utilization(),
         "model": str(model_dir),
         "prompts": spec.prompts,
@@ -88,7 +91,8 @@ def baseline_result(python: Path, ctx: RunContext, spec: SmokeSpec) -> dict[str,
     path = cache_root() / "smoke-baselines" / f"{key[:24]}.json"
     if path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
-    result = run_worker(python, ctx.source.path, spec, ctx.logs_dir / "smoke-baseline.log")
+    trust = ctx.recipe.model.trust_remote_code
+    result = run_worker(python, ctx.source.path, spec, ctx.logs_dir / "smoke-baseline.log", trust)
     if result.get("status") == "ok":
         write_json_atomic(path, result)
     return {**result, "cached": False}
@@ -192,7 +196,9 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     if not spec.enabled:
         return {"_status": "disabled", "_note": "smoke.enabled is false"}
     python = vllm_python(spec)
-    quant = run_worker(python, ctx.model_dir, spec, ctx.logs_dir / "smoke-quantized.log")
+    quant = run_worker(
+        python, ctx.model_dir, spec, ctx.logs_dir / "smoke-quantized.log", recipe.model.trust_remote_code
+    )
     report: dict[str, Any] = {"status": quant["status"], "runs": {"quantized": quant}}
     expected = expected_for(recipe)
     if quant["status"] == "unsupported-on-this-platform":

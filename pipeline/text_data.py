@@ -4,6 +4,7 @@ Used by calibration and by the eval stage's held-out fidelity set."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,44 @@ def dataset_identity(spec: CalibrateSpec) -> dict[str, Any]:
     return {"files": {str(p): sha256_file(p) for p in files}}
 
 
+def check_local_file(path: Path) -> None:
+    """One line naming the file and the fix for what the `datasets` builders report as tracebacks: an empty
+    file, and a JSON Lines line that is not a JSON object (with its line number)."""
+    if not path.read_bytes().strip():
+        raise PipelineError(f"calibrate.dataset: {path} is empty; add samples or point at another file")
+    if path.suffix != ".jsonl":
+        return
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise PipelineError(
+                    f"calibrate.dataset: {path} line {number} is not valid JSON ({exc.msg}); fix or remove that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise PipelineError(
+                    f"calibrate.dataset: {path} line {number} is not a JSON object; write one object per line"
+                )
+
+
 def _load_raw(spec: CalibrateSpec) -> Any:
     import datasets
 
     files = _local_files(spec)
+    for path in files or ():
+        check_local_file(path)
     try:
         if files is None:
             return datasets.load_dataset(spec.dataset, spec.subset, split=spec.split)
         builder = LOCAL_BUILDERS[files[0].suffix]
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
-    except (FileNotFoundError, ValueError, ConnectionError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetGenerationError) as exc:
+        cause = exc.__cause__ or exc  # DatasetGenerationError wraps the builder's own error
+        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise PipelineError(f"calibrate.dataset: cannot load {spec.dataset} ({first}); check the id or path") from None
 
 

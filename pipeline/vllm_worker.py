@@ -6,7 +6,7 @@ installing qpipe into the vLLM env. One JSON request in, one JSON result on stdo
 
 Request keys: ``model`` (dir, required), ``prompts`` (list[str], required), ``max_tokens`` (16),
 ``chat_template`` (false), ``kv_cache_gib`` (1.0), ``max_model_len`` (1024), ``tensor_parallel_size`` (1),
-``gpu_memory_utilization`` (null: vLLM's default), ``seed`` (0), ``logprobs`` (1).
+``gpu_memory_utilization`` (null: vLLM's default), ``trust_remote_code`` (false), ``seed`` (0), ``logprobs`` (1).
 Result ``status`` is ``ok``, ``error`` or ``unsupported-on-this-platform`` (exit code 0, 1 or 2).
 """
 
@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "max_model_len": 1024,
     "tensor_parallel_size": 1,
     "gpu_memory_utilization": None,
+    "trust_remote_code": False,
     "seed": 0,
     "logprobs": 1,
 }
@@ -261,6 +262,7 @@ def load_engine(request: dict[str, Any], result: dict[str, Any]) -> Any:
         max_model_len=request["max_model_len"],
         kv_cache_memory_bytes=int(request["kv_cache_gib"] * GIB),
         tensor_parallel_size=request["tensor_parallel_size"],
+        trust_remote_code=request["trust_remote_code"],
     )
     result["timings"]["load_s"] = round(time.perf_counter() - started, 3)
     model_config = llm.llm_engine.model_config

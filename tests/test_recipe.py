@@ -111,11 +111,12 @@ ULTRACHAT = "HuggingFaceH4/ultrachat_200k"
 
 @pytest.fixture()
 def real_model(tmp_path: Path) -> str:
-    """A local 'real' model directory: enough config.json for validate (no weights are read)."""
+    """A local 'real' model directory: enough config.json for validate and a (never read) weights file."""
     model = tmp_path / "my-model"
     model.mkdir()
     config = '{"model_type": "qwen3", "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4}'
     (model / "config.json").write_text(config)
+    (model / "model.safetensors").write_bytes(b"")
     return str(model)
 
 
