@@ -177,7 +177,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from pipeline.publish import publish
 
-    where = publish(args.artifact, args.to, args.allow_failed_gate, args.dry_run, args.private)
+    where = publish(args.artifact, args.to, args.allow_failed_gate, args.dry_run, private=not args.public)
     print(where if args.dry_run else f"published {args.artifact} to {where}")
     return 0
 
@@ -201,7 +201,9 @@ def _add_artifact_parsers(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("--to", required=True, help="hf://org/name[@revision], file:///path or a directory")
     publish.add_argument("--allow-failed-gate", action="store_true", help=gate_help)
     publish.add_argument("--dry-run", action="store_true", help="print what would be published, change nothing")
-    publish.add_argument("--private", action="store_true", help="create the hub repository as private")
+    publish.add_argument(
+        "--public", action="store_true", help="create a new hub repository as public (default: private)"
+    )
     publish.set_defaults(func=cmd_publish)
 
     card = sub.add_parser("card", help="re-render model/README.md of a run directory from its reports")

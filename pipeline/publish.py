@@ -137,7 +137,7 @@ def describe(files: dict[str, Path]) -> list[str]:
     return [*lines, f"  {sum(sizes.values()):>14,d}  total, {len(sizes)} files"]
 
 
-def publish(path: Path, to: str, allow_failed_gate: bool, dry_run: bool, private: bool = False) -> str:
+def publish(path: Path, to: str, allow_failed_gate: bool, dry_run: bool, private: bool = True) -> str:
     """Verify `path`, then publish it to `to`; returns where it went (or, on a dry run, what would go)."""
     target = parse_target(to)
     if target.directory is not None:

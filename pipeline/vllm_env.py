@@ -7,12 +7,10 @@ imports it. The smoke stage talks to it only through ``pipeline/vllm_worker.py``
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import shutil
 import subprocess
-import tempfile
 import time
 import venv
 from collections.abc import Iterator, Sequence
@@ -211,9 +209,11 @@ def _finish(path: Path, spec: str, started: float) -> None:
 
 @contextmanager
 def _install_lock(path: Path) -> Iterator[None]:
-    """Serialise checks/installs of one env across processes (lock file in the temp dir)."""
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
-    with (Path(tempfile.gettempdir()) / f"qpipe-vllm-env-{digest}.lock").open("w") as handle:
+    """Serialise checks/installs of one env across processes. The lock file sits beside the env (which an install
+    deletes and recreates), not under a predictable name in a shared temp dir where another user could plant a
+    symlink; it is opened for appending, so it truncates nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / f".{path.name}.lock").open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

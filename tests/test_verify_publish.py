@@ -229,6 +229,7 @@ class FakeHub(ThreadingHTTPServer):
         self.refuse_with = refuse_with
         self.calls: list[tuple[str, str]] = []
         self.commits: list[dict[str, Any]] = []
+        self.created: list[dict[str, Any]] = []
 
     @property
     def url(self) -> str:
@@ -265,6 +266,7 @@ class HubHandler(BaseHTTPRequestHandler):
             )
         elif path == "/api/repos/create":
             payload = json.loads(body)
+            self.server.created.append(payload)
             self.reply(200, {"url": f"{self.server.url}/{payload['organization']}/{payload['name']}"})
         elif path == "/api/validate-yaml":
             self.reply(200, {"errors": [], "warnings": []})
@@ -309,6 +311,7 @@ def test_publish_uploads_model_folder_and_manifest_in_one_commit(hub: FakeHub, r
     assert result.returncode == 0, result.stderr
     assert f"{hub.url}/my-org/Qwen3-0.6B-gptq/commit/c0ffee" in result.stdout
     assert ("POST", "/api/repos/create") in hub.calls
+    assert hub.created[0]["visibility"] == "private"  # unless --public
     assert ("POST", "/api/models/my-org/Qwen3-0.6B-gptq/branch/v1") in hub.calls
     (commit,) = hub.commits
     assert (commit["repo"], commit["revision"]) == ("my-org/Qwen3-0.6B-gptq", "v1")
