@@ -213,7 +213,7 @@ def _install_lock(path: Path) -> Iterator[None]:
     deletes and recreates), not under a predictable name in a shared temp dir where another user could plant a
     symlink; it is opened for appending, so it truncates nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with (path.parent / f".{path.name}.lock").open("a") as handle:
+    with (path.parent / f"{path.name}.lock").open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
