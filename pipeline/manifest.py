@@ -29,7 +29,7 @@ TRACKED_PACKAGES = (
     "huggingface_hub",
 )
 
-StageStatus = Literal["done", "skipped", "failed", "not-needed", "disabled", "unsupported"]
+StageStatus = Literal["done", "failed", "not-needed", "disabled", "unsupported"]
 
 
 def now_iso() -> str:

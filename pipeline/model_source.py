@@ -48,11 +48,6 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().exists() or not HUB_ID.match(model_id)
 
 
-def describe_model(spec: ModelSpec) -> str:
-    """Human name of the model without resolving it."""
-    return spec.id or "qpipe-demo (embedded)"
-
-
 def check_model_reference(spec: ModelSpec) -> None:
     """Cheap check for `validate`: a local path must exist and hold config.json; hub ids are not fetched."""
     if spec.id is None or not _looks_local(spec.id):

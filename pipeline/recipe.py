@@ -138,10 +138,9 @@ class QuantizeSpec(Strict):
 
 
 class ExportSpec(Strict):
-    """Where and how the quantized model is written."""
+    """Where the quantized model is written."""
 
     output_dir: str = "artifacts"
-    save_compressed: bool = True
 
 
 class EvalSpec(Strict):

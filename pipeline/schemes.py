@@ -35,8 +35,6 @@ SCHEMES: dict[str, SchemeInfo] = {
     )
 }
 
-METHODS = ("rtn", "gptq", "awq")
-
 
 def needs_calibration(method: str, scheme: SchemeInfo, smoothquant: bool) -> bool:
     """Whether the quantize stage needs calibration data for this method/scheme."""

@@ -35,7 +35,6 @@ class BackendInfo:
     schemes: frozenset[str]
     formats: dict[str, str]  # method -> checkpoint format (config.json quantization_config.quant_method)
     unsupported_fields: tuple[str, ...] = ()  # QuantizeSpec fields this engine has no equivalent for
-    needs_gpu: bool = False
 
     def output_format(self, method: str) -> str:
         return self.formats[method]
