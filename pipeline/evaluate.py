@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json_atomic
+from pipeline.formats import SCHEMES
 from pipeline.gate import MetricCheck, check_recovery, gate_verdict
 from pipeline.manifest import fingerprint, library_versions
 from pipeline.paths import default_cache_root
 from pipeline.recipe import CalibrateSpec, EvalSpec, Recipe, resolve_data_path
 from pipeline.resources import release_accelerator_memory
 from pipeline.run_context import RunContext
-from pipeline.schemes import SCHEMES
 
 
 def cache_root() -> Path:

@@ -14,9 +14,9 @@ import jinja2
 import yaml
 
 from pipeline.atomic import write_text_atomic
-from pipeline.backends import backend_info
 from pipeline.errors import PipelineError
 from pipeline.evaluate import scores
+from pipeline.formats import FORMATS, METHOD_NAMES, backend_info
 from pipeline.gate import recovery_ratio
 from pipeline.manifest import Manifest, StageRecord, now_iso, sha256_file
 from pipeline.recipe import Recipe
@@ -25,7 +25,6 @@ from pipeline.verify import CARD_FILE, CARD_STAGE, load_saved_recipe, open_artif
 
 TEMPLATE = "model_card.md.j2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-METHOD_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "rtn": "Round-to-nearest (RTN)"}
 SUMMARY_KEYS = ("alias", "n_samples")
 SMOKE_FIGURES = {
     "load_s": "load time (s)",
@@ -140,7 +139,7 @@ def front_matter(base: dict[str, Any], recipe: Recipe) -> str:
     from huggingface_hub import ModelCardData
 
     spec = recipe.quantize
-    fmt = backend_info(spec.backend).output_format(spec.method)
+    fmt = backend_info(spec.backend).output_format(spec.method).name
     tags = [fmt, spec.scheme.lower(), spec.method, "quantized", "vllm", "qpipe"]
     if spec.smoothquant_strength is not None:
         tags.append("smoothquant")
@@ -173,20 +172,13 @@ def native_weight_args(qc: dict[str, Any]) -> dict[str, Any]:
     return {"type": "int", "num_bits": qc.get("bits"), "symmetric": symmetric, "strategy": "group", **qc}
 
 
-# Packages transformers needs besides itself to load each checkpoint format.
-TRANSFORMERS_NEEDS = {
-    "compressed-tensors": "`compressed-tensors`",
-    "gptq": "`gptqmodel` and `optimum`",
-    "awq": "`gptqmodel`",
-}
-
-
 def quantization_section(recipe: Recipe, qc: dict[str, Any]) -> dict[str, Any]:
     """Method and scheme from the recipe; weight/activation details as written in config.json."""
     spec = recipe.quantize
     fmt = qc.get("quant_method")
     group = next(iter((qc.get("config_groups") or {}).values()), {})
-    if fmt in ("gptq", "awq"):
+    known = FORMATS.get(fmt)
+    if known is not None and known.native:
         group = {"weights": native_weight_args(qc)}
     return {
         "method": METHOD_NAMES.get(spec.method, spec.method),
@@ -197,7 +189,7 @@ def quantization_section(recipe: Recipe, qc: dict[str, Any]) -> dict[str, Any]:
         "activations": describe_args(group.get("input_activations"), activations=True),
         "group_size": (group.get("weights") or {}).get("group_size"),
         "format_name": fmt,
-        "transformers_needs": TRANSFORMERS_NEEDS.get(fmt, f"the `{fmt}` integration"),
+        "transformers_needs": known.transformers_needs if known else f"the `{fmt}` integration",
         "targets": spec.targets,
         "ignore": spec.ignore,
         "format": f"{qc.get('quant_method')} ({qc.get('format') or 'default'})",

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backends import QuantizeBackend, get_backend
+from pipeline.formats import SCHEMES, needs_calibration
 from pipeline.recipe import Recipe
 from pipeline.run_context import RunContext
-from pipeline.schemes import SCHEMES, needs_calibration
 
 
 def recipe_needs_calibration(recipe: Recipe) -> bool:

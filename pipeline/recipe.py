@@ -13,11 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
-from pipeline.schemes import SCHEMES, needs_calibration
+from pipeline.formats import DISTRIBUTED_BACKENDS, SCHEMES, needs_calibration
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
-DISTRIBUTED_BACKENDS = ("llmcompressor",)  # backends whose calibration runs data-parallel under torchrun
 DEMO_CALIBRATION = "calibration/demo-calibration.jsonl"
 DEMO_MMLU = "tests/fixtures/mmlu"
 # Data used when the recipe chain names none. The project's small corpus and 15-question MMLU fixture only suit

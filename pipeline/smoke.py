@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json_atomic
-from pipeline.backends import backend_info
 from pipeline.child import run_json_child
 from pipeline.errors import PipelineError, StageFailed
+from pipeline.formats import SCHEMES, backend_info
 from pipeline.manifest import fingerprint
 from pipeline.recipe import PROJECT_ROOT, Recipe, SmokeSpec
 from pipeline.run_context import RunContext
-from pipeline.schemes import SCHEMES
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
@@ -108,15 +107,6 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-# What vLLM reports (`model_config.quantization`) for each checkpoint format; GPTQ/AWQ become their Marlin
-# variants on GPUs that support Marlin and the `auto_*` CPU methods on CPU.
-VLLM_METHODS: dict[str, frozenset[str]] = {
-    "compressed-tensors": frozenset({"compressed-tensors"}),
-    "gptq": frozenset({"gptq", "gptq_marlin", "auto_gptq"}),
-    "awq": frozenset({"awq", "awq_marlin", "auto_awq"}),
-}
-
-
 @dataclass(frozen=True)
 class Expected:
     """What vLLM must report for an artifact: one of `methods`, and for compressed-tensors a layer scheme
@@ -128,8 +118,8 @@ class Expected:
 
 def expected_for(recipe: Recipe) -> Expected:
     fmt = backend_info(recipe.quantize.backend).output_format(recipe.quantize.method)
-    scheme = SCHEMES[recipe.quantize.scheme].vllm_scheme if fmt == "compressed-tensors" else None
-    return Expected(VLLM_METHODS[fmt], scheme)
+    scheme = None if fmt.native else SCHEMES[recipe.quantize.scheme].vllm_scheme
+    return Expected(fmt.vllm_methods, scheme)
 
 
 def method_problems(result: dict[str, Any], expected: Expected | None) -> list[str]:

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.formats import SCHEMES
 from pipeline.recipe import QuantizeSpec
-from pipeline.schemes import SCHEMES
 
 GIB = 2**30
 MAX_BATCH_TOKENS = 32768  # calibration tokens per batch: 16 x 2048 (GPTQ) or 64 x 512 (AWQ) already saturate the GEMMs

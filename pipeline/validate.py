@@ -9,11 +9,11 @@ from pathlib import Path
 
 from pipeline.backends import check_backend
 from pipeline.errors import PipelineError
+from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES
 from pipeline.model_source import check_model_reference, linear_in_features
 from pipeline.quantize import recipe_needs_calibration
 from pipeline.recipe import DEMO_CALIBRATION, DEMO_MMLU, PROJECT_ROOT, REAL_MODEL_DATA, Recipe, resolve_data_path
 from pipeline.run_context import LOGGER_NAME
-from pipeline.schemes import SCHEMES
 from pipeline.text_data import dataset_identity
 
 log = logging.getLogger(LOGGER_NAME)
@@ -38,7 +38,7 @@ def check_group_size(recipe: Recipe) -> None:
     config = _model_config_path(recipe)
     if not info.grouped or config is None:
         return
-    group = spec.group_size or 128
+    group = spec.group_size or DEFAULT_GROUP_SIZE
     features = linear_in_features(config) or set()
     bad = sorted(f for f in features if f % group)
     if bad:
@@ -125,7 +125,7 @@ def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
     check_model_reference(recipe.model)
     check_group_size(recipe)
     facts = [
-        f"backend {info.name} writes {info.output_format(recipe.quantize.method)}",
+        f"backend {info.name} writes {info.output_format(recipe.quantize.method).name}",
         calibration_fact(recipe),
         eval_fact(recipe),
     ]

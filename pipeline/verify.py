@@ -16,13 +16,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.backends import backend_info
-from pipeline.backends.gptqmodel_backend import DEFAULT_GROUP_SIZE
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.export import RECIPE_FILE
+from pipeline.formats import backend_info, expected_native_quantization, expected_quantization
 from pipeline.manifest import Manifest, hash_tree
-from pipeline.recipe import QuantizeSpec, Recipe, build_recipe
-from pipeline.schemes import SCHEMES
+from pipeline.recipe import Recipe, build_recipe
 
 MANIFEST_FILE = "manifest.json"
 PUBLISHED_MANIFEST = "qpipe_manifest.json"
@@ -146,31 +144,6 @@ def load_saved_recipe(path: Path) -> Recipe:
     return build_recipe(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
 
 
-def expected_quantization(spec: QuantizeSpec) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Fields the weights' and input activations' quantization args must have for the recipe's scheme."""
-    info = SCHEMES[spec.scheme]
-    weights: dict[str, Any] = {
-        "num_bits": info.weight_bits,
-        "type": info.weight_type,
-        "symmetric": info.symmetric if spec.symmetric is None else spec.symmetric,
-    }
-    if info.grouped:
-        weights["strategy"] = "group"
-    if spec.group_size is not None:
-        weights["group_size"] = spec.group_size
-    if info.weight_only:
-        return weights, None
-    return weights, {"type": info.weight_type, "dynamic": info.activations == "dynamic"}
-
-
-def expected_native_quantization(spec: QuantizeSpec, method: str) -> dict[str, Any]:
-    """Fields of a native GPTQ/AWQ quantization_config for the recipe's scheme (AWQ says zero_point, not sym)."""
-    info = SCHEMES[spec.scheme]
-    symmetric = info.symmetric if spec.symmetric is None else spec.symmetric
-    expected: dict[str, Any] = {"bits": info.weight_bits, "group_size": spec.group_size or DEFAULT_GROUP_SIZE}
-    return {**expected, **({"zero_point": not symmetric} if method == "awq" else {"sym": symmetric})}
-
-
 def _args_problems(where: str, actual: dict[str, Any] | None, expected: dict[str, Any] | None) -> list[str]:
     if expected is None or actual is None:
         return [] if expected is None and actual is None else [f"{where}: {actual!r}, recipe promised {expected!r}"]
@@ -191,16 +164,17 @@ def quantization_problems(model_dir: Path) -> list[str]:
     if not qc:
         return ["config.json: no quantization_config (the checkpoint is not quantized)"]
     spec = load_saved_recipe(model_dir / RECIPE_FILE).quantize
-    method = backend_info(spec.backend).output_format(spec.method)
-    if qc.get("quant_method") != method:
-        return [f"config.json: quant_method is {qc.get('quant_method')!r}, recipe promised {method!r}"]
-    if method != "compressed-tensors":
-        return _args_problems("config.json: quantization_config", qc, expected_native_quantization(spec, method))
+    fmt = backend_info(spec.backend).output_format(spec.method)
+    if qc.get("quant_method") != fmt.name:
+        return [f"config.json: quant_method is {qc.get('quant_method')!r}, recipe promised {fmt.name!r}"]
+    if fmt.native:
+        expected = expected_native_quantization(fmt.name, spec.scheme, spec.symmetric, spec.group_size)
+        return _args_problems("config.json: quantization_config", qc, expected)
     problems = []
     groups = qc.get("config_groups") or {}
     if not groups:
         problems.append(f"config.json: quantization_config has no config_groups; recipe promised {spec.scheme}")
-    weights, activations = expected_quantization(spec)
+    weights, activations = expected_quantization(spec.scheme, spec.symmetric, spec.group_size)
     for name, group in groups.items():
         where = f"config.json: {name}"
         problems += _args_problems(f"{where}.weights", group.get("weights"), weights)

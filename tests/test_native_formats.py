@@ -10,9 +10,9 @@ import pytest
 from demo_runs import artifact_dir, run_recipe
 
 from pipeline.errors import PipelineError
+from pipeline.formats import FORMATS
 from pipeline.manifest import Manifest
 from pipeline.recipe import load_recipe
-from pipeline.smoke import VLLM_METHODS
 from pipeline.validate import validate_recipe
 from pipeline.verify import quantization_problems
 
@@ -86,7 +86,7 @@ def test_vllm_detects_the_native_method(vllm_ready: Path, native_artifacts: dict
     run_dir, fmt = native_artifacts[name], NATIVE[name][0]
     assert run_recipe(name, run_dir.parent.parent, steps="smoke") == 0
     report = json.loads((run_dir / "reports" / "smoke.json").read_text())
-    assert report["vllm_method"] in VLLM_METHODS[fmt], report.get("vllm_method")
+    assert report["vllm_method"] in FORMATS[fmt].vllm_methods, report.get("vllm_method")
     assert report["problems"] == []
     record = Manifest.load(run_dir / "manifest.json").stages["smoke"]
     if report["status"] == "unsupported-on-this-platform":  # int4 needs AVX-512 or a GPU in vLLM: docs/VLLM.md

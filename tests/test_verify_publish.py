@@ -20,9 +20,9 @@ from fake_artifact import make_run_dir
 
 from pipeline.cli import main
 from pipeline.export import RECIPE_FILE
+from pipeline.formats import SCHEMES
 from pipeline.manifest import Manifest, sha256_file
 from pipeline.recipe import build_recipe, recipe_yaml
-from pipeline.schemes import SCHEMES
 from pipeline.verify import PUBLISHED_MANIFEST, quantization_problems
 
 ROOT = Path(__file__).resolve().parent.parent
