@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline.export import RECIPE_FILE
-from pipeline.gate import check_recovery, gate_verdict
-from pipeline.manifest import Manifest, StageRecord, hash_tree, library_versions
-from pipeline.model_card import write_card
-from pipeline.recipe import Recipe, build_recipe, recipe_yaml
+from pipeline.artifact.card import write_card
+from pipeline.eval.gate import check_recovery, gate_verdict
+from pipeline.recipe.load import build_recipe, recipe_yaml
+from pipeline.recipe.schema import Recipe
+from pipeline.run.context import RECIPE_FILE
+from pipeline.run.manifest import Manifest, StageRecord, hash_tree, library_versions
 
 BASE_ID = "Qwen/Qwen3-0.6B"
 W4A16_GROUP = {
@@ -33,7 +34,7 @@ W4A16_GROUP = {
         "type": "int",
     },
 }
-SMOKE_REPORT = {  # as pipeline/smoke.py writes it
+SMOKE_REPORT = {  # as pipeline/stages/smoke.py writes it
     "status": "passed",
     "vllm_method": "compressed-tensors",
     "quantized": {"load_s": 21.4, "ttft_s": 0.05, "tokens_per_s": 1843.2, "peak_rss_mb": 2100.0, "size_bytes": 34016},

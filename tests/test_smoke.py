@@ -11,9 +11,9 @@ from demo_runs import run_recipe
 
 from pipeline.cli import main
 from pipeline.errors import StageFailed
-from pipeline.manifest import Manifest
-from pipeline.recipe import SmokeSpec
-from pipeline.smoke import run_worker
+from pipeline.recipe.schema import SmokeSpec
+from pipeline.run.manifest import Manifest
+from pipeline.vllm.launch import run_worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 EXPECTED = {"fp8": "W8A8Fp8", "w8a8": "W8A8Int8", "awq": "WNA16", "gptq": "WNA16"}

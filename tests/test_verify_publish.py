@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from fake_artifact import make_run_dir
 
+from pipeline.artifact.verify import PUBLISHED_MANIFEST, quantization_problems
 from pipeline.cli import main
-from pipeline.export import RECIPE_FILE
 from pipeline.formats import SCHEMES
-from pipeline.manifest import Manifest, sha256_file
-from pipeline.recipe import build_recipe, recipe_yaml
-from pipeline.verify import PUBLISHED_MANIFEST, quantization_problems
+from pipeline.recipe.load import build_recipe, recipe_yaml
+from pipeline.run.context import RECIPE_FILE
+from pipeline.run.manifest import Manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from pipeline.errors import PipelineError
 from pipeline.formats import SCHEMES, BackendInfo, backend_info
-from pipeline.recipe import QuantizeSpec
+from pipeline.recipe.schema import QuantizeSpec
 
 
 class QuantizeBackend(Protocol):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES
-from pipeline.recipe import QuantizeSpec
+from pipeline.recipe.schema import QuantizeSpec
 
 
 def cpu_workers() -> str:
