@@ -13,7 +13,8 @@ from demo_runs import CORE_STEPS, RECIPES, artifact_dir, run_recipe
 
 from pipeline.cli import main
 from pipeline.demo.corpus import heldout_records
-from pipeline.run.manifest import Manifest, sha256_file
+from pipeline.run.files import sha256_file
+from pipeline.run.manifest import Manifest
 
 pytestmark = pytest.mark.e2e
 

@@ -178,7 +178,7 @@ def _quantize(
 
 def _compare(default: Any, tuned: Any) -> tuple[float, float, float]:
     """KL vs unquantized of both runs and the fraction of quantized weights that are identical."""
-    from pipeline.bench.benchmark import mean_kl
+    from pipeline.eval.fidelity import mean_kl
 
     equal = sum(int((default.weights[n] == w).sum()) for n, w in tuned.weights.items())
     total = sum(w.numel() for w in tuned.weights.values())

@@ -23,7 +23,8 @@ from pipeline.cli import main
 from pipeline.formats import SCHEMES
 from pipeline.recipe.load import build_recipe, recipe_yaml
 from pipeline.run.context import RECIPE_FILE
-from pipeline.run.manifest import Manifest, sha256_file
+from pipeline.run.files import sha256_file
+from pipeline.run.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 

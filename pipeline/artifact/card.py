@@ -19,8 +19,8 @@ from pipeline.eval.gate import recovery_ratio, scores
 from pipeline.formats import FORMATS, METHOD_NAMES, backend_info
 from pipeline.recipe.schema import Recipe
 from pipeline.run.context import RunContext
-from pipeline.run.files import write_text_atomic
-from pipeline.run.manifest import Manifest, StageRecord, now_iso, sha256_file
+from pipeline.run.files import format_bytes, sha256_file, write_text_atomic
+from pipeline.run.manifest import Manifest, StageRecord, now_iso
 
 TEMPLATE = "model_card.md.j2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -345,14 +345,7 @@ def fmt_percent(value: float | None) -> str:
 
 
 def fmt_size(num: float | None) -> str:
-    if not num:
-        return "n/a"
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    power = 0
-    while num >= 1024 and power < len(units) - 1:
-        num /= 1024
-        power += 1
-    return f"{num:.0f} B" if power == 0 else f"{num:.2f} {units[power]}"
+    return format_bytes(num) if num else "n/a"
 
 
 def fmt_cell(value: Any) -> str:

@@ -49,6 +49,7 @@ from pipeline.bench.synthetic_model import (
     write_model_dir,
 )
 from pipeline.errors import PipelineError
+from pipeline.eval.fidelity import mean_kl
 from pipeline.paths import PROJECT_ROOT
 from pipeline.recipe.schema import QuantizeSpec
 from pipeline.run.resources import ResourceMonitor
@@ -229,12 +230,6 @@ def log_probs(model: Any, token_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per-sample next-token log-probabilities (fp32, CPU)."""
     device = next(model.parameters()).device
     return [torch.log_softmax(model(row[None].to(device)).logits.float(), dim=-1)[0].cpu() for row in token_ids]
-
-
-def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
-    """Mean per-token KL(reference || other)."""
-    total = sum(float((ref.exp() * (ref - oth)).sum()) for ref, oth in zip(reference, other, strict=True))
-    return total / sum(ref.shape[0] for ref in reference)
 
 
 def quantized_weights(model: Any) -> dict[str, torch.Tensor]:

@@ -75,7 +75,7 @@ def next_token_fidelity(
     with torch.inference_mode():
         for batch, base_logp in zip(batches, base_logps, strict=True):
             quant_logp = _log_probs(quant, batch)
-            kl_sum += torch.sum(base_logp.exp() * (base_logp - quant_logp)).item()
+            kl_sum += kl_total(base_logp, quant_logp)
             agree += int((base_logp.argmax(-1) == quant_logp.argmax(-1)).sum())
             tokens += base_logp.shape[0]
     del quant, base_logps
@@ -90,6 +90,17 @@ def next_token_fidelity(
         "device": device,
         "wall_s": round(time.perf_counter() - start, 3),
     }
+
+
+def kl_total(reference: Any, other: Any) -> float:
+    """KL(reference || other) summed over positions, from log-probs of shape (tokens, vocab)."""
+    return float((reference.exp() * (reference - other)).sum())
+
+
+def mean_kl(reference: list[Any], other: list[Any]) -> float:
+    """Mean per-token KL(reference || other) over matching lists of (tokens, vocab) log-probs."""
+    total = sum(kl_total(ref, oth) for ref, oth in zip(reference, other, strict=True))
+    return total / sum(ref.shape[0] for ref in reference)
 
 
 def _all_log_probs(model: Any, batches: list[Any]) -> list[Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.run.files import atomic_directory
+from pipeline.run.files import atomic_directory, sha256_file
 
 FORMAT_VERSION = "1"
 TOP_GROUP = "mmlu"
@@ -123,7 +123,7 @@ def _fingerprint(src: Path, files: dict[str, dict[str, Path]]) -> str:
     h = hashlib.sha256(f"qpipe-mmlu-{FORMAT_VERSION}".encode())
     for path in sorted(p for split in files.values() for p in split.values()):
         h.update(path.relative_to(src).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(path)))
     return h.hexdigest()[:16]
 
 

@@ -1,7 +1,9 @@
-"""Write-then-rename helpers so an interrupted run never leaves a half-written file or folder."""
+"""File helpers: write-then-rename (an interrupted run never leaves a half-written file or folder), content
+hashes and sizes in words."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -55,3 +57,22 @@ def replace_directory(src: Path, final: Path) -> None:
     os.replace(final, old)
     os.replace(src, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Streamed in 1 MiB blocks, so a multi-GB shard never sits in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def format_bytes(num: float) -> str:
+    """A byte count in binary units, e.g. "33.22 KiB" (whole bytes below 1 KiB)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while num >= 1024 and power < len(units) - 1:
+        num /= 1024
+        power += 1
+    return f"{num:.0f} B" if power == 0 else f"{num:.2f} {units[power]}"

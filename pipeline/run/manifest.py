@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pipeline.run.files import write_json_atomic
+from pipeline.run.files import sha256_file, write_json_atomic
 
 TRACKED_PACKAGES = (
     "qpipe",
@@ -50,14 +50,6 @@ def library_versions() -> dict[str, str]:
 def fingerprint(*parts: Any) -> str:
     """Stable sha256 of JSON-serialisable parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_tree(root: Path) -> dict[str, dict[str, Any]]:

@@ -15,8 +15,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.paths import default_cache_root
 from pipeline.recipe.schema import ModelSpec
-from pipeline.run.files import write_json_atomic
-from pipeline.run.manifest import sha256_file
+from pipeline.run.files import sha256_file, write_json_atomic
 
 log = logging.getLogger("qpipe")  # run_context.LOGGER_NAME; importing it here would be circular
 

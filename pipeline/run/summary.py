@@ -6,18 +6,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.run.context import RunContext
+from pipeline.run.files import format_bytes
 
 STAGE_ORDER = ("calibrate", "quantize", "export", "eval", "smoke", "card")
-
-
-def _size(num: float | None) -> str:
-    if not num:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num < 1024 or unit == "GiB":
-            return f"{num:.1f} {unit}" if unit != "B" else f"{int(num)} B"
-        num /= 1024
-    return ""
 
 
 def print_summary(ctx: RunContext, console: Console | None = None) -> None:
@@ -33,7 +24,7 @@ def print_summary(ctx: RunContext, console: Console | None = None) -> None:
             record.status,
             f"{record.wall_s:.1f} s" if record.wall_s is not None else "",
             f"{record.peak_rss_mb:.0f} MiB" if record.peak_rss_mb else "",
-            _size(outputs.get("size_bytes")),
+            format_bytes(size) if (size := outputs.get("size_bytes")) else "",
             str(ctx.run_dir / outputs["path"]) if "path" in outputs else (record.note or ""),
         )
     console.print(table)

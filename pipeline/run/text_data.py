@@ -10,7 +10,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.recipe.load import resolve_data_path
 from pipeline.recipe.schema import CalibrateSpec
-from pipeline.run.manifest import sha256_file
+from pipeline.run.files import sha256_file
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 

@@ -33,7 +33,7 @@ def run_calibrate(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     texts = select_texts(spec, tokenizer)
     if len(texts) < spec.num_samples:
         ctx.log.warning("calibrate: only %d samples available (asked for %d)", len(texts), spec.num_samples)
-    chat = spec.chat_template or (spec.chat_template is None and spec.messages_field is not None)
+    chat = spec.uses_chat_template
     encoded = tokenizer(texts, truncation=True, max_length=spec.max_seq_length, add_special_tokens=not chat)
     dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
     with atomic_directory(ctx.calibration_dir) as tmp:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.recipe.schema import SmokeSpec
+from pipeline.run.processes import kill_process_group
 
 POLL_S = 1.0
 
@@ -84,20 +84,6 @@ def complete(base: str, prompt: str, max_tokens: int) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it lingers."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def serve_check(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
     """Start, query once, stop; returns status (passed/failed), timings and the completion, or the error."""
     port = free_port()
@@ -123,7 +109,7 @@ def serve_check(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) 
         except (urllib.error.URLError, OSError, ValueError) as exc:
             return {"status": "failed", "error": f"/v1/completions: {exc}", "log": str(log_file)}
         finally:
-            stop(proc)
+            kill_process_group(proc, grace_s=30)
     text = reply["choices"][0]["text"]
     return {
         "status": "passed" if text.strip() else "failed",
