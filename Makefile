@@ -12,7 +12,7 @@ TO ?=
 QPIPE := $(VENV)/bin/qpipe
 RUN_ARGS = $(if $(MODEL),--model $(MODEL)) $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: venv vllm-env smoke quantize validate recipes demo-model verify publish bench test lint clean
+.PHONY: venv vllm-env smoke quantize validate recipes demo-model verify publish bench test test-fast lint clean
 
 venv: $(VENV)/.ready
 
@@ -54,13 +54,20 @@ demo-model: venv  ## build (once per machine) the embedded demo model
 bench: venv  ## quantize stage vs raw llm-compressor on a synthetic Qwen3-8B (GPU), then docs/BENCHMARKS.md: make bench [ARGS='--methods gptq --quality']
 	$(QPIPE) bench $(ARGS) --report
 
-lint: venv
+lint: venv  ## ruff, and the layer rules of pyproject's [tool.importlinter]
 	$(VENV)/bin/ruff check pipeline tests
 	$(VENV)/bin/ruff format --check pipeline tests
+	$(VENV)/bin/lint-imports --no-cache
 
 test: venv vllm-env  ## lint + the whole test suite (unit + end-to-end on the demo model)
 	$(VENV)/bin/ruff check pipeline tests
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest -q tests
+
+test-fast: venv  ## lint + the unit tests (no end-to-end runs, no vLLM environment)
+	$(VENV)/bin/ruff check pipeline tests
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/pytest -q -m "not e2e" tests
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.run_context import LOGGER_NAME
+from pipeline.run.context import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -29,9 +29,9 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe.load import load_recipe
+    from pipeline.run.summary import print_summary
     from pipeline.runner import parse_steps, run_pipeline
-    from pipeline.summary import print_summary
     from pipeline.validate import validate_recipe
 
     recipe, path = load_recipe(args.recipe, args.overrides, args.model)
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe.load import load_recipe
     from pipeline.validate import validate_recipe
 
     recipe, path = load_recipe(args.recipe, args.overrides, args.model)
@@ -55,7 +55,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from pipeline.recipe import list_recipe_files, load_recipe
+    from pipeline.recipe.load import list_recipe_files, load_recipe
 
     for path in list_recipe_files():
         recipe, _ = load_recipe(str(path))
@@ -66,8 +66,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_smoke(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.recipe import SmokeSpec
-    from pipeline.smoke import smoke_directory
+    from pipeline.recipe.schema import SmokeSpec
+    from pipeline.stages.smoke import smoke_directory
 
     model_dir = args.artifact / "model" if (args.artifact / "manifest.json").is_file() else args.artifact
     report = smoke_directory(model_dir, SmokeSpec(timeout_s=args.timeout), args.log)
@@ -77,14 +77,14 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_vllm_env(args: argparse.Namespace) -> int:
-    from pipeline.recipe import SmokeSpec
-    from pipeline.smoke import vllm_env_path, vllm_python
+    from pipeline.recipe.schema import SmokeSpec
+    from pipeline.vllm.environment import vllm_env_path, vllm_python
 
     if args.site is None:
         print(vllm_python(SmokeSpec(vllm=args.flavor)))
         return 0
     from pipeline.errors import PipelineError
-    from pipeline.vllm_env import VllmEnvError, link_site_env
+    from pipeline.vllm.environment import VllmEnvError, link_site_env
 
     if args.python is None:
         raise PipelineError("vllm-env --site: also pass --python, the interpreter whose torch matches that vLLM")
@@ -96,7 +96,7 @@ def cmd_vllm_env(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from pipeline.demo_model import ensure_demo_model
+    from pipeline.demo.model import ensure_demo_model
 
     print(ensure_demo_model(args.cache))
     return 0
@@ -105,7 +105,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 def cmd_synth_model(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.synthetic_model import QWEN3_8B, save_checkpoint, scaled_shape
+    from pipeline.bench.synthetic_model import QWEN3_8B, save_checkpoint, scaled_shape
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = scaled_shape(QWEN3_8B, args.layers, args.scale)
@@ -114,7 +114,7 @@ def cmd_synth_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import RESULTS_DIR, render_report, run_bench
+    from pipeline.bench.benchmark import RESULTS_DIR, render_report, run_bench
 
     if not args.report_only:
         path = run_bench(
@@ -166,7 +166,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.verify import require_verified, verify_artifact
+    from pipeline.artifact.verify import require_verified, verify_artifact
 
     result = verify_artifact(args.artifact)
     require_verified(result, args.allow_failed_gate)
@@ -175,7 +175,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from pipeline.publish import publish
+    from pipeline.artifact.publish import publish
 
     where = publish(args.artifact, args.to, args.allow_failed_gate, args.dry_run, private=not args.public)
     print(where if args.dry_run else f"published {args.artifact} to {where}")
@@ -183,7 +183,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from pipeline.model_card import refresh_card
+    from pipeline.artifact.card import refresh_card
 
     print(refresh_card(args.artifact))
     return 0

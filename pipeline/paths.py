@@ -1,9 +1,11 @@
-"""Where qpipe keeps what it reuses between runs; a light module (no torch import) so any stage can ask."""
+"""Where qpipe finds its project files and keeps what it reuses between runs; light (no torch import)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # recipes/, calibration/, tests/fixtures/
 
 
 def default_cache_root() -> Path:

@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.atomic import write_text_atomic
-from pipeline.distributed import check_parallel_resources
+from pipeline.artifact.card import write_model_card
+from pipeline.backends.distributed import check_parallel_resources
 from pipeline.errors import GateFailed, GateInconclusive
-from pipeline.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
-from pipeline.model_card import write_model_card
-from pipeline.model_source import ModelSource, model_fingerprint, resolve_model
-from pipeline.recipe import Recipe, recipe_yaml
-from pipeline.resources import ResourceMonitor
-from pipeline.run_context import LOGGER_NAME, RunContext
+from pipeline.recipe.load import recipe_yaml
+from pipeline.recipe.schema import Recipe
+from pipeline.run.context import LOGGER_NAME, RunContext
+from pipeline.run.files import write_text_atomic
+from pipeline.run.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
+from pipeline.run.model_source import ModelSource, model_fingerprint, resolve_model
+from pipeline.run.resources import ResourceMonitor
 
 STAGE_NAMES = ("calibrate", "quantize", "export", "eval", "smoke")
 log = logging.getLogger(LOGGER_NAME)
@@ -34,11 +35,11 @@ class Stage:
 
 
 def _stages() -> dict[str, Stage]:
-    from pipeline.calibrate import run_calibrate
-    from pipeline.evaluate import run_eval
-    from pipeline.export import run_export
-    from pipeline.quantize import run_quantize
-    from pipeline.smoke import run_smoke
+    from pipeline.stages.calibrate import run_calibrate
+    from pipeline.stages.evaluate import run_eval
+    from pipeline.stages.export import run_export
+    from pipeline.stages.quantize import run_quantize
+    from pipeline.stages.smoke import run_smoke
 
     return {
         "calibrate": Stage("calibrate", run_calibrate, "calibration"),
@@ -70,8 +71,8 @@ def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]
     """Each stage's fingerprint chains its upstream's, so a changed input re-runs everything after it."""
     from transformers import AutoTokenizer
 
-    from pipeline.calibrate import calibration_fingerprint
-    from pipeline.quantize import recipe_needs_calibration
+    from pipeline.stages.calibrate import calibration_fingerprint
+    from pipeline.stages.quantize import recipe_needs_calibration
 
     versions = library_versions()
     calib = None

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from pipeline.backends import check_backend
 from pipeline.errors import PipelineError
-from pipeline.model_source import check_model_reference, linear_in_features
-from pipeline.quantize import recipe_needs_calibration
-from pipeline.recipe import DEMO_CALIBRATION, DEMO_MMLU, PROJECT_ROOT, REAL_MODEL_DATA, Recipe, resolve_data_path
-from pipeline.run_context import LOGGER_NAME
-from pipeline.schemes import SCHEMES
-from pipeline.text_data import dataset_identity
+from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES
+from pipeline.paths import PROJECT_ROOT
+from pipeline.recipe.load import resolve_data_path
+from pipeline.recipe.schema import DEMO_CALIBRATION, DEMO_MMLU, REAL_MODEL_DATA, Recipe
+from pipeline.run.context import LOGGER_NAME
+from pipeline.run.model_source import check_model_reference, linear_in_features
+from pipeline.run.text_data import dataset_identity
+from pipeline.stages.quantize import recipe_needs_calibration
 
 log = logging.getLogger(LOGGER_NAME)
 DEMO_DATA_DIR = (PROJECT_ROOT / DEMO_CALIBRATION).parent
@@ -23,7 +25,7 @@ FIXTURE_MMLU = PROJECT_ROOT / DEMO_MMLU
 
 def _model_config_path(recipe: Recipe) -> Path | None:
     if recipe.model.id is None:
-        from pipeline.demo_model import demo_model_dir
+        from pipeline.demo.model import demo_model_dir
 
         path = demo_model_dir() / "config.json"
         return path if path.is_file() else None
@@ -38,7 +40,7 @@ def check_group_size(recipe: Recipe) -> None:
     config = _model_config_path(recipe)
     if not info.grouped or config is None:
         return
-    group = spec.group_size or 128
+    group = spec.group_size or DEFAULT_GROUP_SIZE
     features = linear_in_features(config) or set()
     bad = sorted(f for f in features if f % group)
     if bad:
@@ -125,7 +127,7 @@ def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
     check_model_reference(recipe.model)
     check_group_size(recipe)
     facts = [
-        f"backend {info.name} writes {info.output_format(recipe.quantize.method)}",
+        f"backend {info.name} writes {info.output_format(recipe.quantize.method).name}",
         calibration_fact(recipe),
         eval_fact(recipe),
     ]

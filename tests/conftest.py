@@ -41,7 +41,7 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The embedded demo model, built once per machine (cached under $QPIPE_CACHE or ~/.cache/qpipe)."""
-    from pipeline.demo_model import ensure_demo_model
+    from pipeline.demo.model import ensure_demo_model
 
     return ensure_demo_model()
 
@@ -87,8 +87,8 @@ def demo_artifacts(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Pat
 @pytest.fixture(scope="session")
 def vllm_ready() -> Path:
     """The vLLM environment's python; skips when `make vllm-env` has not run."""
-    from pipeline.recipe import SmokeSpec
-    from pipeline.smoke import vllm_env_path, vllm_python
+    from pipeline.recipe.schema import SmokeSpec
+    from pipeline.vllm.environment import vllm_env_path, vllm_python
 
     if not (vllm_env_path() / "qpipe-vllm.json").is_file():
         pytest.skip("no vLLM environment: run `make vllm-env` (make test does)")

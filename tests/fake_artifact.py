@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline.evaluate import gate, paired_checks
-from pipeline.export import RECIPE_FILE
-from pipeline.gate import check_recovery
-from pipeline.manifest import Manifest, StageRecord, hash_tree, library_versions
-from pipeline.model_card import write_card
-from pipeline.recipe import EvalSpec, Recipe, build_recipe, recipe_yaml
+from pipeline.artifact.card import write_card
+from pipeline.eval.gate import check_recovery, gate, paired_checks
+from pipeline.recipe.load import build_recipe, recipe_yaml
+from pipeline.recipe.schema import Recipe
+from pipeline.run.context import RECIPE_FILE
+from pipeline.run.manifest import Manifest, StageRecord, hash_tree, library_versions
 
 BASE_ID = "Qwen/Qwen3-0.6B"
 W4A16_GROUP = {
@@ -34,7 +34,7 @@ W4A16_GROUP = {
         "type": "int",
     },
 }
-SMOKE_REPORT = {  # as pipeline/smoke.py writes it
+SMOKE_REPORT = {  # as pipeline/stages/smoke.py writes it
     "status": "passed",
     "vllm_method": "compressed-tensors",
     "quantized": {"load_s": 21.4, "ttft_s": 0.05, "tokens_per_s": 1843.2, "peak_rss_mb": 2100.0, "size_bytes": 34016},
@@ -64,7 +64,7 @@ SUBJECTS = ("mmlu_anatomy", "mmlu_astronomy")
 
 
 def summary(per_subject: int, right: int) -> dict[str, Any]:
-    """An lm-eval summary as `pipeline.lm_eval_runner.summarize` writes it, with per-question results."""
+    """An lm-eval summary as `pipeline.eval.lm_eval_runner.summarize` writes it, with per-question results."""
     acc = right / per_subject
     tasks = {name: {"alias": name, "acc": acc, "acc_stderr": 0.05, "n_samples": per_subject} for name in SUBJECTS}
     questions = {name: {str(i): float(i < right) for i in range(per_subject)} for name in SUBJECTS}
@@ -85,7 +85,7 @@ def eval_report(outcome: str) -> dict[str, Any]:
     checks = check_recovery(
         {**baseline["tasks"], **baseline["groups"]}, {**quantized["tasks"], **quantized["groups"]}, ["mmlu"], 0.96, {}
     )
-    paired = paired_checks(baseline, quantized, EvalSpec(), 0.96)
+    paired = paired_checks(baseline, quantized, ["mmlu"], 0.96, min_questions=100)
     fidelity = {"kl_mean": 0.0123, "top1_agreement": 0.931, "tokens": 8000, "texts": 32, "dataset": "heldout.jsonl"}
     report = {
         "gate": gate(paired, checks),

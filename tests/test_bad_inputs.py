@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.manifest import Manifest
+from pipeline.run.manifest import Manifest
 
 SMALL = ["--set", "calibrate.num_samples=4", "--set", "calibrate.max_seq_length=16"]
 
@@ -74,8 +74,8 @@ def test_debug_keeps_the_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_hub_downloads_fetch_code_only_when_trusted() -> None:
-    from pipeline.lm_eval_runner import model_args
-    from pipeline.model_source import download_patterns
+    from pipeline.eval.lm_eval_runner import model_args
+    from pipeline.run.model_source import download_patterns
 
     assert "*.bin" not in download_patterns(False) and "*.py" not in download_patterns(False)
     assert "*.py" in download_patterns(True) and "*.safetensors" in download_patterns(True)

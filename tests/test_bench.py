@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench import BenchReport, parse_mode, render_report, run_bench
+from pipeline.bench.benchmark import BenchReport, parse_mode, render_report, run_bench
+from pipeline.bench.synthetic_model import QWEN3_8B, build_model, scaled_shape, write_model_dir
 from pipeline.cli import build_parser
 from pipeline.errors import PipelineError
-from pipeline.synthetic_model import QWEN3_8B, build_model, scaled_shape, write_model_dir
 
 
 def test_qwen3_8b_shape() -> None:

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.calibrate import calibration_fingerprint, run_calibrate
 from pipeline.errors import PipelineError
-from pipeline.manifest import Manifest
-from pipeline.model_source import ModelSource
-from pipeline.recipe import CalibrateSpec, load_recipe
-from pipeline.run_context import RunContext
-from pipeline.text_data import dataset_identity, select_texts
+from pipeline.recipe.load import load_recipe
+from pipeline.recipe.schema import CalibrateSpec
+from pipeline.run.context import RunContext
+from pipeline.run.manifest import Manifest
+from pipeline.run.model_source import ModelSource
+from pipeline.run.text_data import dataset_identity, select_texts
+from pipeline.stages.calibrate import calibration_fingerprint, run_calibrate
 
 TEXTS = [f"sample number {i} says hello to value {i * 7}" for i in range(20)]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from demo_runs import run_recipe
 
-from pipeline.manifest import Manifest
+from pipeline.run.manifest import Manifest
 
 pytestmark = pytest.mark.e2e
 EVAL = ["--set", "eval.limit=4", "--set", "eval.num_fewshot=1", "--set", "eval.fidelity_samples=16"]

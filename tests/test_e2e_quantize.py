@@ -12,8 +12,9 @@ import pytest
 from demo_runs import CORE_STEPS, RECIPES, artifact_dir, run_recipe
 
 from pipeline.cli import main
-from pipeline.demo_corpus import heldout_records
-from pipeline.manifest import Manifest, sha256_file
+from pipeline.demo.corpus import heldout_records
+from pipeline.run.files import sha256_file
+from pipeline.run.manifest import Manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +52,7 @@ def test_fp8_dynamic_needs_no_calibration(demo_artifacts: dict[str, Path]) -> No
 
 def test_gptq_and_awq_beat_round_to_nearest(demo_artifacts: dict[str, Path], demo_model_dir: Path) -> None:
     """Quantization error means something on the demo model: calibrated methods beat plain RTN."""
-    from pipeline.fidelity import next_token_fidelity
+    from pipeline.eval.fidelity import next_token_fidelity
 
     texts = [r["text"] for r in heldout_records()][:24]
     kl = {

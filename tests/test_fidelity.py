@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fidelity import is_compressed_tensors, next_token_fidelity
+from pipeline.eval.fidelity import is_compressed_tensors, next_token_fidelity
 
 TEXTS = [
     "The quantized model should predict the same next token as the original one.",

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline import model_source
-from pipeline.model_source import DIGEST_CACHE_FILE, ModelSource, model_fingerprint
+from pipeline.run import model_source
+from pipeline.run.model_source import DIGEST_CACHE_FILE, ModelSource, model_fingerprint
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.gate import combine, paired_recovery
+from pipeline.eval.gate import combine, paired_recovery
 
 
 def _pairs(both: int, base_only: int, quant_only: int, neither: int) -> tuple[list[int], list[int]]:

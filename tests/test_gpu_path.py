@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.vllm_env import MARKER_FILE, VllmEnvError, ensure_vllm_env, link_site_env
+from pipeline.vllm.environment import MARKER_FILE, VllmEnvError, ensure_vllm_env, link_site_env
 
 
 def _fake_site(root: Path) -> Path:
@@ -55,7 +55,7 @@ def test_synthetic_checkpoint_loads_with_a_real_text_tokenizer(tmp_path: Path) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.synthetic_model import QWEN3_8B, save_checkpoint, scaled_shape
+    from pipeline.bench.synthetic_model import QWEN3_8B, save_checkpoint, scaled_shape
 
     shape = scaled_shape(QWEN3_8B, 1, 1 / 32)
     out = save_checkpoint(shape, tmp_path / "ckpt", seed=0, device="cpu")

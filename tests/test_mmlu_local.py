@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import lm_eval_runner
-from pipeline.lm_eval_runner import EvalDataUnavailable, run_lm_eval
-from pipeline.mmlu_local import MMLUFormatError, prepare_local_mmlu, stock_mmlu_dir
+from pipeline.eval import lm_eval_runner
+from pipeline.eval.lm_eval_runner import EvalDataUnavailable, run_lm_eval
+from pipeline.eval.mmlu_local import MMLUFormatError, prepare_local_mmlu, stock_mmlu_dir
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"
 REAL_MMLU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
@@ -196,7 +196,7 @@ def test_real_mmlu_all_subjects_and_groups(tiny_model_dir: Path, tmp_path: Path)
 
 
 def test_summary_is_compact_and_config_hash_ignores_paths() -> None:
-    from pipeline.lm_eval_runner import config_hash, summarize
+    from pipeline.eval.lm_eval_runner import config_hash, summarize
 
     def configs(root: str) -> dict:
         metadata = {"version": 1, "config_source": root}

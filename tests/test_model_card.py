@@ -9,12 +9,12 @@ import pytest
 from fake_artifact import BASE_ID, make_run_dir
 from huggingface_hub import ModelCard
 
+from pipeline.artifact.card import fmt_cell, render_card, write_model_card
+from pipeline.artifact.verify import CARD_STAGE, load_saved_recipe, verify_artifact
 from pipeline.cli import main
-from pipeline.manifest import Manifest
-from pipeline.model_card import fmt_cell, render_card, write_model_card
-from pipeline.model_source import ModelSource
-from pipeline.run_context import RunContext
-from pipeline.verify import CARD_STAGE, load_saved_recipe, verify_artifact
+from pipeline.run.context import RunContext
+from pipeline.run.manifest import Manifest
+from pipeline.run.model_source import ModelSource
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,6 +160,7 @@ def test_table_cells_are_escaped() -> None:
 def test_template_ships_as_package_data() -> None:
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["pipeline"]
-    template = ROOT / "pipeline" / "templates" / "model_card.md.j2"
-    assert any(template.match(f"pipeline/{pattern}") for pattern in patterns)
+    patterns = config["tool"]["setuptools"]["package-data"]["pipeline.artifact"]
+    template = ROOT / "pipeline" / "artifact" / "templates" / "model_card.md.j2"
+    assert template.is_file()
+    assert any(template.match(f"pipeline/artifact/{pattern}") for pattern in patterns)

@@ -14,10 +14,19 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import distributed
-from pipeline.distributed import LaunchPlan, check_parallel_resources, launch_plan, rank_slice, require_gpus, run_launch
+from pipeline.backends import distributed
+from pipeline.backends.distributed import (
+    LaunchPlan,
+    check_parallel_resources,
+    launch_plan,
+    rank_slice,
+    require_gpus,
+    run_launch,
+)
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.recipe import PROJECT_ROOT, EvalSpec, QuantizeSpec, SmokeSpec, build_recipe, load_recipe
+from pipeline.paths import PROJECT_ROOT
+from pipeline.recipe.load import build_recipe, load_recipe
+from pipeline.recipe.schema import EvalSpec, QuantizeSpec, SmokeSpec
 
 TINY = [
     "calibrate.dataset=calibration/demo-calibration.jsonl",
@@ -104,8 +113,8 @@ def test_checks_cover_only_the_stages_that_run(monkeypatch: pytest.MonkeyPatch) 
 def test_run_fails_before_any_model_is_loaded(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import quantize
     from pipeline.runner import run_pipeline
+    from pipeline.stages import quantize
 
     def no_load(*args: Any) -> None:
         raise AssertionError("model loaded")
@@ -129,7 +138,7 @@ def test_launch_plan_is_torchrun_with_nvls_off(monkeypatch: pytest.MonkeyPatch) 
         "--nproc-per-node",
         "4",
         "-m",
-        "pipeline.dist_worker",
+        "pipeline.backends.dist_worker",
         "/run/quantize-dist/request.json",
     ]
     assert plan.world_size == 4
@@ -175,14 +184,14 @@ def _alive(pid: int) -> bool:
 
 
 def test_worker_rejects_a_missing_request(capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.dist_worker import main
+    from pipeline.backends.dist_worker import main
 
     assert main([]) == 2
-    assert "usage: torchrun ... -m pipeline.dist_worker REQUEST.json" in capsys.readouterr().err
+    assert "usage: torchrun ... -m pipeline.backends.dist_worker REQUEST.json" in capsys.readouterr().err
 
 
 def test_smoke_request_carries_tensor_parallel_size(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from pipeline.smoke import run_worker
+    from pipeline.vllm.launch import run_worker
 
     echo = tmp_path / "python"  # stands in for the vLLM env's python: returns the request it was given
     echo.write_text('#!/bin/sh\ncp "$2" "$3"\n')
@@ -194,7 +203,7 @@ def test_smoke_request_carries_tensor_parallel_size(tiny_model_dir: Path, tmp_pa
 def test_vllm_worker_passes_tensor_parallel_size_to_llm(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import vllm_worker
+    from pipeline.vllm import worker as vllm_worker
 
     seen: dict[str, Any] = {}
 
@@ -217,7 +226,7 @@ def test_vllm_worker_passes_tensor_parallel_size_to_llm(
 
 
 def test_eval_on_several_gpus_uses_lm_eval_parallelize() -> None:
-    from pipeline.lm_eval_runner import model_args
+    from pipeline.eval.lm_eval_runner import model_args
 
     assert model_args("m", "auto", 1) == {"pretrained": "m", "dtype": "auto"}
     assert model_args("m", "auto", 2) == {"pretrained": "m", "dtype": "auto", "parallelize": True}
@@ -233,8 +242,8 @@ def _config_dir(tmp_path: Path, name: str, **config: int) -> Path:
 def test_vllm_eval_passes_tensor_parallel_and_sizes_context_for_the_model(tmp_path: Path) -> None:
     """The vLLM eval takes the model's own context (not smoke.max_model_len) and a KV cache holding one such
     sequence: the smoke section's size when that suffices, else keys + values of every layer for every token."""
-    from pipeline.lm_eval_runner import model_args
-    from pipeline.vllm_eval import engine_args
+    from pipeline.eval.lm_eval_runner import model_args
+    from pipeline.vllm.evaluation import engine_args
 
     recipe, _ = load_recipe("fp8", ["eval.backend=vllm", "smoke.kv_cache_gib=0.5", "smoke.max_model_len=512"])
     small = _config_dir(
@@ -268,7 +277,7 @@ def test_two_rank_gloo_gptq_matches_single_process(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from pipeline.manifest import Manifest
+    from pipeline.run.manifest import Manifest
 
     monkeypatch.setattr(distributed, "visible_cuda_gpus", lambda: 2)  # the ranks themselves run on CPU
     monkeypatch.setattr(distributed, "RESERVE_CPU_BYTES", 0)  # the 5 GB default exceeds this machine's budget
@@ -282,7 +291,7 @@ def test_two_rank_gloo_gptq_matches_single_process(
     stage = Manifest.load(multi / "manifest.json").stages["quantize"].outputs
     assert stage["distributed"]["world_size"] == 2 and stage["distributed"]["samples_per_rank"] == [4, 4]
     argv = stage["distributed"]["argv"]
-    assert argv[-3:-1] == ["-m", "pipeline.dist_worker"] and argv[-1].endswith("/quantize-dist/request.json")
+    assert argv[-3:-1] == ["-m", "pipeline.backends.dist_worker"] and argv[-1].endswith("/quantize-dist/request.json")
     assert stage["modifiers"] == ["GPTQModifier"] and stage["calibration_samples"] == 8
     log = (multi / "logs" / "quantize-torchrun.log").read_text()
     assert "partitioning dataset across ranks" not in log  # each rank got its own slice from the worker
@@ -300,7 +309,7 @@ def test_two_rank_gloo_gptq_matches_single_process(
 
 
 def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.bench import run_bench
+    from pipeline.bench.benchmark import run_bench
     from pipeline.cli import build_parser
 
     assert build_parser().parse_args(["bench", "--num-gpus", "2"]).num_gpus == 2
@@ -315,7 +324,7 @@ def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_bench_runs_gptq_through_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.bench import BenchReport, render_table, run_bench
+    from pipeline.bench.benchmark import BenchReport, render_table, run_bench
 
     monkeypatch.setattr(distributed, "visible_cuda_gpus", lambda: 2)  # the ranks run on CPU (gloo)
     monkeypatch.setattr(distributed, "RESERVE_CPU_BYTES", 0)

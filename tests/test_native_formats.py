@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from demo_runs import artifact_dir, run_recipe
 
+from pipeline.artifact.verify import quantization_problems
 from pipeline.errors import PipelineError
-from pipeline.manifest import Manifest
-from pipeline.recipe import load_recipe
-from pipeline.smoke import VLLM_METHODS
+from pipeline.formats import FORMATS
+from pipeline.recipe.load import load_recipe
+from pipeline.run.manifest import Manifest
 from pipeline.validate import validate_recipe
-from pipeline.verify import quantization_problems
 
 # recipe -> (checkpoint format, the compressed-tensors recipe with the same method and scheme)
 NATIVE = {"gptq-native": ("gptq", "gptq"), "awq-native": ("awq", "awq")}
@@ -57,8 +57,8 @@ def test_native_kl_is_in_the_range_of_compressed_tensors(
 ) -> None:
     """Same method and scheme, other engine and format: the error vs the base model is comparable, and
     still below plain round-to-nearest."""
-    from pipeline.demo_corpus import heldout_records
-    from pipeline.fidelity import next_token_fidelity
+    from pipeline.demo.corpus import heldout_records
+    from pipeline.eval.fidelity import next_token_fidelity
 
     texts = [r["text"] for r in heldout_records()][:24]
     dirs = {**native_artifacts, **{n: demo_artifacts[n] for n in ("rtn", "gptq", "awq")}}
@@ -86,7 +86,7 @@ def test_vllm_detects_the_native_method(vllm_ready: Path, native_artifacts: dict
     run_dir, fmt = native_artifacts[name], NATIVE[name][0]
     assert run_recipe(name, run_dir.parent.parent, steps="smoke") == 0
     report = json.loads((run_dir / "reports" / "smoke.json").read_text())
-    assert report["vllm_method"] in VLLM_METHODS[fmt], report.get("vllm_method")
+    assert report["vllm_method"] in FORMATS[fmt].vllm_methods, report.get("vllm_method")
     assert report["problems"] == []
     record = Manifest.load(run_dir / "manifest.json").stages["smoke"]
     if report["status"] == "unsupported-on-this-platform":  # int4 needs AVX-512 or a GPU in vLLM: docs/VLLM.md

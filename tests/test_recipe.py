@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.recipe import list_recipe_files, load_recipe, recipe_yaml
+from pipeline.recipe.load import list_recipe_files, load_recipe, recipe_yaml
 from pipeline.validate import validate_recipe
 
 BUNDLED = [p.stem for p in list_recipe_files()]
@@ -232,8 +232,8 @@ def test_cli_validate_prints_facts_and_warning(
 def test_messages_without_chat_template_name_the_plain_text_fix(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.recipe import CalibrateSpec
-    from pipeline.text_data import select_texts
+    from pipeline.recipe.schema import CalibrateSpec
+    from pipeline.run.text_data import select_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tokenizer.chat_template = None  # a base model's tokenizer

@@ -11,9 +11,9 @@ from demo_runs import run_recipe
 
 from pipeline.cli import main
 from pipeline.errors import StageFailed
-from pipeline.manifest import Manifest
-from pipeline.recipe import SmokeSpec
-from pipeline.smoke import run_worker
+from pipeline.recipe.schema import SmokeSpec
+from pipeline.run.manifest import Manifest
+from pipeline.vllm.launch import run_worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 GATE_EXIT = {"not-run": 0, "passed": 0, "failed": 3, "inconclusive": 4}

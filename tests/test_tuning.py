@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import tuning
-from pipeline.recipe import QuantizeSpec
-from pipeline.synthetic_model import QWEN3_8B, qwen3_config, scaled_shape
-from pipeline.tuning import (
+from pipeline.backends import tuning
+from pipeline.backends.tuning import (
     GIB,
     GramCache,
     TuningPlan,
@@ -27,6 +25,8 @@ from pipeline.tuning import (
     plan_tuning,
     tuned_engine,
 )
+from pipeline.bench.synthetic_model import QWEN3_8B, qwen3_config, scaled_shape
+from pipeline.recipe.schema import QuantizeSpec
 
 GPTQ = QuantizeSpec(method="gptq", scheme="W4A16")
 AWQ = QuantizeSpec(method="awq", scheme="W4A16_ASYM")
@@ -169,7 +169,7 @@ def _quantize(
     model: Any, tokenizer: Any, calibration: Any, eval_ids: torch.Tensor, spec: QuantizeSpec, plan: Any
 ) -> Any:
     from pipeline.backends.llmcompressor_backend import Backend
-    from pipeline.bench import log_probs, quantized_weights
+    from pipeline.bench.benchmark import log_probs, quantized_weights
 
     reference = log_probs(model, eval_ids)
     Backend().quantize(model, tokenizer, calibration, spec, seed=0, plan=plan)
@@ -178,7 +178,7 @@ def _quantize(
 
 def _compare(default: Any, tuned: Any) -> tuple[float, float, float]:
     """KL vs unquantized of both runs and the fraction of quantized weights that are identical."""
-    from pipeline.bench import mean_kl
+    from pipeline.eval.fidelity import mean_kl
 
     equal = sum(int((default.weights[n] == w).sum()) for n, w in tuned.weights.items())
     total = sum(w.numel() for w in tuned.weights.values())
@@ -188,7 +188,7 @@ def _compare(default: Any, tuned: Any) -> tuple[float, float, float]:
 def _tiny_run(spec: QuantizeSpec, plan: TuningPlan | None, dtype: torch.dtype) -> Any:
     from datasets import Dataset
 
-    from pipeline.synthetic_model import build_model, random_token_ids, synthetic_tokenizer, write_model_dir
+    from pipeline.bench.synthetic_model import build_model, random_token_ids, synthetic_tokenizer, write_model_dir
 
     shape = scaled_shape(QWEN3_8B, 1, 1 / 32)
     model_dir = write_model_dir(shape, Path(tempfile.mkdtemp(prefix="qpipe-test-")) / "m")
@@ -233,8 +233,8 @@ def test_tuned_plan_on_the_demo_model(demo_model_dir: Path, spec: QuantizeSpec, 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.demo_corpus import heldout_records
-    from pipeline.recipe import resolve_data_path
+    from pipeline.demo.corpus import heldout_records
+    from pipeline.recipe.load import resolve_data_path
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     lines = resolve_data_path("calibration/demo-calibration.jsonl").read_text(encoding="utf-8").splitlines()

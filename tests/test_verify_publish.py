@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 from fake_artifact import make_run_dir
 
+from pipeline.artifact.verify import PUBLISHED_MANIFEST, quantization_problems
 from pipeline.cli import main
-from pipeline.export import RECIPE_FILE
-from pipeline.manifest import Manifest, sha256_file
-from pipeline.recipe import build_recipe, recipe_yaml
-from pipeline.schemes import SCHEMES
-from pipeline.verify import PUBLISHED_MANIFEST, quantization_problems
+from pipeline.formats import SCHEMES
+from pipeline.recipe.load import build_recipe, recipe_yaml
+from pipeline.run.context import RECIPE_FILE
+from pipeline.run.files import sha256_file
+from pipeline.run.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.recipe import QuantizeSpec
-from pipeline.schemes import SCHEMES
-
-DEFAULT_GROUP_SIZE = 128
+from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES
+from pipeline.recipe.schema import QuantizeSpec
 
 
 def cpu_workers() -> str:

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from pipeline.recipe import QuantizeSpec
-from pipeline.tuning import TuningPlan, oneshot_overrides, plan_tuning, tuned_engine
+from pipeline.backends.tuning import TuningPlan, oneshot_overrides, plan_tuning, tuned_engine
+from pipeline.recipe.schema import QuantizeSpec
 
 
 def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:

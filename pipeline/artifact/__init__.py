@@ -1,0 +1,1 @@
+"""What reads a finished run: verify, publish, the model card."""

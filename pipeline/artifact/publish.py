@@ -1,0 +1,157 @@
+"""`qpipe publish`: upload a verified artifact's model folder to the Hugging Face hub, or copy it to a directory.
+
+What is published is the deployable folder (model/ with its card) plus `qpipe_manifest.json`, a copy of the
+run's manifest, so that `qpipe verify` works on the published copy too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pipeline.artifact.verify import PUBLISHED_MANIFEST, Artifact, expected_files, require_verified, verify_artifact
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.run.files import atomic_directory
+
+HUB_URL = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?$")
+TARGET_HINT = "use hf://org/name[@revision], file:///absolute/path or a directory"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to publish: a hub repository (and revision) or a local directory."""
+
+    repo_id: str | None = None
+    revision: str | None = None
+    directory: Path | None = None
+
+    def __str__(self) -> str:
+        if self.repo_id:
+            return f"hf://{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+        return str(self.directory)
+
+
+def parse_target(value: str) -> Target:
+    """`hf://org/name[@revision]`, `file:///path` or a plain directory path."""
+    if value.startswith("hf://"):
+        match = HUB_URL.match(value)
+        if not match:
+            raise PipelineError(f"--to {value}: not a hub repository; {TARGET_HINT}")
+        return Target(repo_id=match["repo"], revision=match["revision"])
+    if value.startswith("file://"):
+        url = urlparse(value)
+        if url.netloc not in ("", "localhost") or not url.path:
+            raise PipelineError(f"--to {value}: a file URL needs an absolute local path; {TARGET_HINT}")
+        return Target(directory=Path(unquote(url.path)))
+    if "://" in value:
+        raise PipelineError(f"--to {value}: unsupported scheme; {TARGET_HINT}")
+    return Target(directory=Path(value).expanduser())
+
+
+def publish_files(artifact: Artifact) -> dict[str, Path]:
+    """{path in the published folder: source file}: every verified model file and the manifest."""
+    files = {rel: artifact.model_dir / rel for rel in sorted(expected_files(artifact.manifest))}
+    files[PUBLISHED_MANIFEST] = artifact.manifest_path
+    return files
+
+
+def place_files(files: dict[str, Path], folder: Path, link: bool) -> None:
+    """Hard-link (where possible) or copy `files` into `folder`."""
+    for rel, source in files.items():
+        dest = folder / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            try:
+                os.link(source, dest)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(source, dest)
+
+
+def check_directory(directory: Path) -> None:
+    """A directory target must be new, empty, or an earlier publish (then it is replaced)."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise PipelineError(f"--to {directory}: exists and is not a directory; choose a new directory")
+    if any(directory.iterdir()) and not (directory / PUBLISHED_MANIFEST).is_file():
+        raise PipelineError(
+            f"--to {directory}: exists and is not a qpipe-published folder; choose a new or empty directory"
+        )
+
+
+def make_shareable(folder: Path) -> None:
+    """Give the folder the modes a plain copy would have (temp folders and files are created owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def to_directory(files: dict[str, Path], directory: Path) -> str:
+    """Copy into a temp folder beside `directory`, verify the copy, then rename it into place."""
+    with atomic_directory(directory) as tmp:
+        place_files(files, tmp, link=False)
+        make_shareable(tmp)
+        copy = verify_artifact(tmp)
+        if copy.problems:
+            raise StageFailed(f"publish: the copy in {directory} does not verify ({copy.problems[0]}); check the disk")
+    return str(directory)
+
+
+def to_hub(files: dict[str, Path], target: Target, message: str, private: bool, staging_parent: Path) -> str:
+    """create_repo (and the branch), then upload_folder of a hard-linked staging folder: one commit."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if get_token() is None:
+        raise PipelineError("publish: no Hugging Face token; set HF_TOKEN to a token with write access")
+    api = HfApi()
+    try:
+        api.create_repo(target.repo_id, private=private, exist_ok=True)
+        if target.revision:
+            api.create_branch(target.repo_id, branch=target.revision, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".publish-", dir=staging_parent) as staging:
+            place_files(files, Path(staging), link=True)
+            commit = api.upload_folder(
+                repo_id=target.repo_id, folder_path=staging, revision=target.revision, commit_message=message
+            )
+    except OfflineModeIsEnabled:
+        raise PipelineError("publish: HF_HUB_OFFLINE is set; unset it to upload to the hub") from None
+    except HfHubHTTPError as exc:
+        reason = str(exc).splitlines()[0]
+        raise PipelineError(f"publish: the hub refused the upload to {target} ({reason}); check HF_TOKEN") from None
+    return commit.commit_url
+
+
+def describe(files: dict[str, Path]) -> list[str]:
+    """One line per file: size and path in the published folder, then the total."""
+    sizes = {rel: path.stat().st_size for rel, path in files.items()}
+    lines = [f"  {size:>14,d}  {rel}" for rel, size in sizes.items()]
+    return [*lines, f"  {sum(sizes.values()):>14,d}  total, {len(sizes)} files"]
+
+
+def publish(path: Path, to: str, allow_failed_gate: bool, dry_run: bool, private: bool = True) -> str:
+    """Verify `path`, then publish it to `to`; returns where it went (or, on a dry run, what would go)."""
+    target = parse_target(to)
+    if target.directory is not None:
+        check_directory(target.directory)
+    result = verify_artifact(path)
+    require_verified(result, allow_failed_gate)
+    files = publish_files(result.artifact)
+    manifest = result.artifact.manifest
+    if dry_run:
+        header = f"dry run: would publish {path} (gate {manifest.gate}) to {target}:"
+        return "\n".join([header, *describe(files), "nothing was uploaded or copied"])
+    if target.directory is not None:
+        return to_directory(files, target.directory)
+    message = (
+        f"qpipe {manifest.recipe} {manifest.recipe_hash} of {manifest.model.get('identity')} (gate {manifest.gate})"
+    )
+    return to_hub(files, target, message, private, result.artifact.model_dir.parent)

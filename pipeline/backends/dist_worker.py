@@ -1,0 +1,107 @@
+"""One rank of distributed quantization; started by torchrun (see pipeline/backends/distributed.py), never directly.
+
+``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.backends.dist_worker REQUEST.json``
+
+Every rank joins the process group (NCCL on GPUs, gloo on CPU), loads the model through llm-compressor's
+offloaded loading (rank 0 reads the weights, the other ranks share them through host memory), calibrates
+on its contiguous slice of the calibration set and takes part in saving; rank 0 writes the model, the
+tokenizer and a JSON result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.backends.distributed import DistributedRequest, rank_slice
+
+
+def init_process_group() -> None:
+    """NCCL with one GPU per rank (compressed-tensors' `init_dist`), or gloo without CUDA."""
+    if torch.cuda.is_available():
+        from compressed_tensors.offload import init_dist
+
+        init_dist()
+    else:
+        dist.init_process_group(backend="gloo")
+
+
+def load_model(request: DistributedRequest) -> Any:
+    """The model, loaded once on rank 0 and shared with the other ranks (CPU-offloaded, onloaded per layer)."""
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    with load_offloaded_model(extra_cpu_mem=request.reserve_cpu_bytes):
+        return AutoModelForCausalLM.from_pretrained(
+            request.model,
+            dtype=request.dtype,
+            device_map="auto_offload",
+            trust_remote_code=request.trust_remote_code,
+        )
+
+
+def load_rank_calibration(path: str, rank: int, world_size: int) -> Any:
+    """This rank's slice of the calibration set. Slicing here (not in llm-compressor's sampler) also covers
+    the tuned path, which hands `oneshot` a DataLoader that the engine would not partition."""
+    from datasets import load_from_disk
+
+    calibration = load_from_disk(path)
+    return calibration.select(rank_slice(len(calibration), rank, world_size))
+
+
+def run(request: DistributedRequest) -> dict[str, Any]:
+    """Quantize on this rank and save (collectively; rank 0 writes). Returns the summary rank 0 records."""
+    from transformers import AutoTokenizer
+
+    from pipeline.backends.llmcompressor_backend import Backend
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = load_model(request)
+    tokenizer = AutoTokenizer.from_pretrained(request.model, trust_remote_code=request.trust_remote_code)
+    calibration = load_rank_calibration(request.calibration, rank, world_size)
+    backend = Backend()
+    start = time.perf_counter()
+    model = backend.quantize(model, tokenizer, calibration, request.quantize, seed=request.seed)
+    quantize_s = time.perf_counter() - start
+    compute_dtype = str(model.dtype)
+    if request.export_dtype is not None and model.dtype != getattr(torch, request.export_dtype):
+        model.to(getattr(torch, request.export_dtype))
+    model.save_pretrained(request.output, save_compressed=True)  # every rank joins; only rank 0 writes
+    if rank == 0:
+        tokenizer.save_pretrained(request.output)
+    return {
+        "world_size": world_size,
+        "quantize_s": round(quantize_s, 2),
+        "compute_dtype": compute_dtype,
+        "tuning": backend.tuning.model_dump() if backend.tuning is not None else None,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of each rank: `REQUEST.json` in, the saved model and (rank 0) `request.result` out."""
+    if len(argv) != 1:
+        print(
+            f"usage: torchrun ... -m pipeline.backends.dist_worker REQUEST.json (got {len(argv)} arguments)",
+            file=sys.stderr,
+        )
+        return 2
+    request = DistributedRequest.model_validate_json(Path(argv[0]).read_text(encoding="utf-8"))
+    init_process_group()
+    try:
+        result = run(request)
+        if dist.get_rank() == 0:
+            Path(request.result).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,192 @@
+"""Multi-GPU: visible-GPU checks and the `torchrun` launch of the distributed quantize worker.
+
+With ``quantize.num_gpus: N > 1`` the quantize stage writes a request, launches
+``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.backends.dist_worker REQUEST`` (torchrun)
+and waits for it; each rank calibrates on its slice of the calibration set (llm-compressor synchronises the
+statistics), rank 0 saves the compressed model, and export moves that folder into the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.paths import PROJECT_ROOT
+from pipeline.recipe.schema import QuantizeSpec, Recipe
+from pipeline.run.context import RunContext
+from pipeline.run.processes import run_bounded
+
+WORKER_MODULE = "pipeline.backends.dist_worker"
+# NVLink multicast (NVLS) off: NCCL's NVLS setup fails or hangs on hosts/containers that do not expose it.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
+RESERVE_CPU_BYTES = 5 * 10**9  # host memory llm-compressor's offloaded loading leaves free (its default)
+TIMEOUT_S = 24 * 3600  # a hung collective must not block a run forever
+WORK_DIR = "quantize-dist"  # in the run directory: request, result and the saved model until export
+
+
+def visible_cuda_gpus() -> int:
+    """CUDA GPUs this process can use (honours CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def require_gpus(field: str, requested: int) -> None:
+    """Raise a one-line PipelineError when more than one GPU is requested and fewer are visible."""
+    if requested <= 1:
+        return
+    visible = visible_cuda_gpus()
+    if requested > visible:
+        raise PipelineError(
+            f"{field}: {requested} requested but {visible} CUDA GPUs visible; "
+            f"set {field}=1 or run on a host with {requested} GPUs"
+        )
+
+
+def check_parallel_resources(recipe: Recipe, stages: list[str]) -> None:
+    """Before any model is loaded: the GPU counts the stages about to run ask for are visible."""
+    if "quantize" in stages:
+        require_gpus("quantize.num_gpus", recipe.quantize.num_gpus)
+    if "eval" in stages and recipe.eval.enabled:
+        require_gpus("eval.tensor_parallel_size", recipe.eval.tensor_parallel_size)
+    if "smoke" in stages and recipe.smoke.enabled:
+        require_gpus("smoke.tensor_parallel_size", recipe.smoke.tensor_parallel_size)
+
+
+class DistributedRequest(BaseModel):
+    """What every rank of the worker needs: model, calibration set, quantize settings and where to save."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    trust_remote_code: bool = False
+    dtype: str  # compute dtype ("auto", "bfloat16", "float32", ...)
+    export_dtype: str | None = None  # cast before saving when it differs from the compute dtype
+    calibration: str  # `datasets` folder written by the calibrate stage
+    quantize: QuantizeSpec
+    seed: int = 0
+    output: str  # rank 0 saves the compressed model and tokenizer here
+    result: str  # rank 0 writes a JSON summary here
+    reserve_cpu_bytes: int  # host memory the offloaded loading leaves free
+
+
+class LaunchPlan(BaseModel):
+    """The exact torchrun command and the environment variables set on top of the caller's."""
+
+    model_config = ConfigDict(frozen=True)
+
+    argv: list[str]
+    env: dict[str, str]
+    world_size: int
+
+
+def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None) -> LaunchPlan:
+    """torchrun (as `python -m torch.distributed.run`, so the venv's torch is used) with one rank per GPU."""
+    threads = max(1, (cpu_count or os.cpu_count() or 1) // num_gpus)
+    pythonpath = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(num_gpus)]
+    return LaunchPlan(
+        argv=[*argv, "-m", WORKER_MODULE, str(request_file)],
+        env={**NCCL_ENV, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath},
+        world_size=num_gpus,
+    )
+
+
+def run_launch(plan: LaunchPlan, log_file: Path, timeout_s: float = TIMEOUT_S) -> float:
+    """Run the plan (all output to `log_file`); its process group is killed on timeout. Returns wall seconds."""
+    start = time.perf_counter()
+    returncode = run_bounded(plan.argv, log_file, timeout_s, {**os.environ, **plan.env})
+    if returncode is None:
+        raise StageFailed(
+            f"quantize: torchrun ({plan.world_size} ranks) did not finish within {timeout_s:.0f} s; log: {log_file}"
+        )
+    if returncode != 0:
+        raise StageFailed(f"quantize: torchrun ({plan.world_size} ranks) exited {returncode}; log: {log_file}")
+    return time.perf_counter() - start
+
+
+def rank_slice(num_samples: int, rank: int, world_size: int) -> range:
+    """The contiguous block of sample indices rank `rank` calibrates on (sizes differ by at most one)."""
+    return range(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)
+
+
+def launch_quantize(
+    request: DistributedRequest, work_dir: Path, num_gpus: int, log_file: Path
+) -> tuple[LaunchPlan, dict[str, Any]]:
+    """Write the request into `work_dir`, run the worker on `num_gpus` ranks and return the plan and rank 0's result."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    request_file = work_dir / "request.json"
+    request_file.write_text(request.model_dump_json(indent=2), encoding="utf-8")
+    plan = launch_plan(request_file, num_gpus)
+    wall = run_launch(plan, log_file)
+    result_file = Path(request.result)
+    if not result_file.is_file() or not (Path(request.output) / "config.json").is_file():
+        raise StageFailed(f"quantize: torchrun finished but rank 0 saved no model in {request.output}; log: {log_file}")
+    return plan, {**json.loads(result_file.read_text()), "launch_s": round(wall, 2)}
+
+
+def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, export_dtype: Any) -> dict[str, Any]:
+    """The quantize stage on `quantize.num_gpus` ranks; export picks the saved model up from `ctx.state`."""
+    from pipeline.backends import get_backend
+
+    spec = recipe.quantize
+    require_gpus("quantize.num_gpus", spec.num_gpus)
+    samples = calibration_size(ctx)  # num_gpus > 1 implies a calibrated method (recipe schema)
+    if samples < spec.num_gpus:
+        raise PipelineError(
+            f"quantize.num_gpus: {spec.num_gpus} ranks but only {samples} calibration samples; "
+            "lower num_gpus or provide more calibration data"
+        )
+    work = ctx.run_dir / WORK_DIR
+    shutil.rmtree(work, ignore_errors=True)
+    request = DistributedRequest(
+        model=str(ctx.source.path),
+        trust_remote_code=recipe.model.trust_remote_code,
+        dtype=compute_dtype,
+        export_dtype=str(export_dtype).removeprefix("torch.") if export_dtype is not None else None,
+        calibration=str(ctx.calibration_dir),
+        quantize=spec,
+        seed=recipe.calibrate.seed,
+        output=str(work / "model"),
+        result=str(work / "result.json"),
+        reserve_cpu_bytes=RESERVE_CPU_BYTES,
+    )
+    ctx.log.info("quantize: %s %s via %s on %d GPUs (torchrun)", spec.method, spec.scheme, spec.backend, spec.num_gpus)
+    plan, result = launch_quantize(request, work, spec.num_gpus, ctx.logs_dir / "quantize-torchrun.log")
+    ctx.state.update(saved_dir=work / "model", work_dir=work)
+    describe = get_backend(spec.backend).describe(spec)
+    if result.get("tuning") is not None:
+        describe["tuning"] = result["tuning"]
+    return {
+        "backend": spec.backend,
+        "method": spec.method,
+        "scheme": spec.scheme,
+        **describe,
+        "calibration_samples": samples,
+        "compute_dtype": result["compute_dtype"],
+        "export_dtype": str(export_dtype),
+        "distributed": {
+            "world_size": plan.world_size,
+            "argv": plan.argv,
+            "env": plan.env,
+            "samples_per_rank": [len(rank_slice(samples, r, plan.world_size)) for r in range(plan.world_size)],
+            "quantize_s": result["quantize_s"],
+            "launch_s": result["launch_s"],
+            "log": "logs/quantize-torchrun.log",
+        },
+    }
+
+
+def calibration_size(ctx: RunContext) -> int:
+    """Samples in the calibration set the calibrate stage saved (memory-mapped, cheap)."""
+    from pipeline.run.context import load_calibration
+
+    return len(load_calibration(ctx))

@@ -1,0 +1,283 @@
+"""Speed settings for llm-compressor calibration, chosen from the model's size and free GPU memory.
+
+With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantize stage:
+
+* batches calibration samples of equal length (``batch_size`` from the token budget below). Batches are
+  formed only from samples of identical length, so no token is truncated or padded away: GPTQ's Hessian,
+  AWQ's activation means and losses see exactly the token set of batch size 1, summed in another order;
+* keeps the sequential pipeline's cached activations on the GPU (``sequential_offload_device="cuda"``)
+  when they fit, instead of copying every layer's inputs to the host and back;
+* accumulates GPTQ Hessians ``2 XᵀX`` from the bf16/fp16 activations with bf16 tensor-core products and
+  fp32 accumulation (each product of two bf16 numbers is exact in fp32), and computes it once per
+  distinct input (q/k/v and gate/up share theirs);
+* runs attention through PyTorch's fused causal kernel (flash attention) where llm-compressor forces
+  eager attention, whenever the mask handed to attention is exactly the causal mask (always the case for
+  the unpadded batches above); any other mask falls back to the model's eager attention.
+
+Without a GPU, with ``tuning: off``, or for data-free schemes the plan is disabled and nothing changes.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.formats import SCHEMES
+from pipeline.recipe.schema import QuantizeSpec
+
+GIB = 2**30
+MAX_BATCH_TOKENS = 32768  # calibration tokens per batch: 16 x 2048 (GPTQ) or 64 x 512 (AWQ) already saturate the GEMMs
+MEMORY_FRACTION = 0.9  # of free GPU memory the plan may count on
+RESERVED_BYTES = 2 * GIB  # allocator fragmentation, cuBLAS workspaces, the lm_head/embedding onload
+
+
+class TuningPlan(BaseModel):
+    """What the tuned path changes for one quantize call, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool
+    reason: str
+    gpu: str | None = None
+    batch_size: int = 1
+    sequential_offload_device: str = "cpu"
+    fast_hessian: bool = False
+    fused_attention: bool = False
+    free_gib: float | None = None
+    estimated_gib: float | None = None
+
+
+def disabled(reason: str) -> TuningPlan:
+    """A plan that changes nothing."""
+    return TuningPlan(enabled=False, reason=reason)
+
+
+def layer_bytes_per_token(config: Any) -> int:
+    """Working memory of one decoder layer's forward per token (bf16 activations, fused attention)."""
+    return 2 * (12 * config.hidden_size + 4 * config.intermediate_size)
+
+
+def cache_bytes(config: Any, total_tokens: int, method: str) -> int:
+    """Activations kept for a whole layer: the pipeline's inputs and outputs, plus AWQ's cached parent inputs."""
+    width = 2 * config.hidden_size
+    if method == "awq":
+        width += 2 * config.hidden_size + config.intermediate_size
+    return 2 * total_tokens * width
+
+
+def hessian_bytes(config: Any) -> int:
+    """The largest GPTQ Hessian, its XᵀX product and the solve's working copy (fp32)."""
+    width = max(config.hidden_size, config.intermediate_size)
+    return 3 * 4 * width * width
+
+
+def plan_tuning(
+    model: Any,
+    lengths: list[int] | None,
+    spec: QuantizeSpec,
+    *,
+    free_bytes: int | None = None,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+) -> TuningPlan:
+    """The tuned settings for quantizing `model` on calibration samples of `lengths` tokens."""
+    if spec.tuning == "off":
+        return disabled("quantize.tuning is off")
+    if not torch.cuda.is_available():
+        return disabled("no CUDA GPU: the default path runs unchanged")
+    if not lengths:
+        return disabled("no calibration data: nothing to batch")
+    config = model.config
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info()
+    budget = int(free_bytes * MEMORY_FRACTION) - RESERVED_BYTES
+    seq_len = max(lengths)
+    static_activations = SCHEMES[spec.scheme].activations == "static"
+    if spec.batch_size > 1:
+        batch = spec.batch_size
+    elif static_activations:
+        batch = 1  # activation observers average over batches: batching would change the scales
+    else:
+        batch = max(1, min(len(lengths), max_batch_tokens // seq_len))
+    fixed = hessian_bytes(config) if spec.method == "gptq" else 0
+    cache = cache_bytes(config, sum(lengths), spec.method)
+    per_token = layer_bytes_per_token(config)
+
+    def needed(batch_size: int, on_gpu_cache: bool) -> int:
+        return fixed + batch_size * seq_len * per_token + (cache if on_gpu_cache else 0)
+
+    on_gpu_cache = needed(batch, True) <= budget
+    while batch > 1 and needed(batch, on_gpu_cache) > budget:
+        batch //= 2
+    return TuningPlan(
+        enabled=True,
+        reason="CUDA GPU present and quantize.tuning is auto",
+        gpu=torch.cuda.get_device_name(),
+        batch_size=batch,
+        sequential_offload_device="cuda" if on_gpu_cache else "cpu",
+        fast_hessian=spec.method == "gptq",
+        fused_attention=True,
+        free_gib=round(free_bytes / GIB, 1),
+        estimated_gib=round(needed(batch, on_gpu_cache) / GIB, 1),
+    )
+
+
+def equal_length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sample indices, longest first (the engine's order), in batches of at most `batch_size` equal lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        last = batches[-1] if batches else None
+        if last is not None and len(last) < batch_size and lengths[last[0]] == lengths[index]:
+            last.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def calibration_loader(calibration: Any, batch_size: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over `calibration` whose batches hold samples of one length (no padding, no truncation)."""
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    lengths = [len(ids) for ids in calibration["input_ids"]]
+    return DataLoader(
+        calibration, batch_sampler=equal_length_batches(lengths, batch_size), collate_fn=default_data_collator
+    )
+
+
+def oneshot_overrides(plan: TuningPlan, calibration: Any) -> dict[str, Any]:
+    """`oneshot` keyword arguments that the plan replaces (empty when disabled)."""
+    if not plan.enabled:
+        return {}
+    overrides: dict[str, Any] = {"sequential_offload_device": plan.sequential_offload_device}
+    if plan.batch_size > 1:
+        overrides["dataset"] = calibration_loader(calibration, plan.batch_size)
+    return overrides
+
+
+class GramCache:
+    """XᵀX (fp32) of the last input seen, so modules sharing one input tensor compute it once."""
+
+    def __init__(self) -> None:
+        self._input: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, inp: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self._input is not None and self._input() is inp and self._version == inp._version:
+            assert self._value is not None
+            return self._value
+        x = inp.to(device=device).reshape(-1, inp.shape[-1])
+        if x.is_cuda:
+            value = torch.mm(x.t(), x, out_dtype=torch.float32)
+        else:
+            x = x.float()
+            value = x.t() @ x
+        self._input, self._version, self._value = weakref.ref(inp), inp._version, value
+        return value
+
+    def clear(self) -> None:
+        self._input, self._value = None, None
+
+
+def fast_accumulate_hessian(gram: GramCache, fallback: Callable[..., Any]) -> Callable[..., Any]:
+    """A drop-in for llm-compressor's `accumulate_hessian`: H += 2·XᵀX from low-precision inputs."""
+
+    def accumulate(
+        inp: torch.Tensor, module: torch.nn.Module, hessian: torch.Tensor, num_samples: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(module, torch.nn.Linear) or inp.dtype not in (torch.bfloat16, torch.float16):
+            return fallback(inp, module, hessian, num_samples)
+        num_samples += 1 if inp.dim() == 2 else inp.shape[0]
+        hessian.add_(gram(inp, hessian.device), alpha=2.0)
+        return hessian, num_samples
+
+    return accumulate
+
+
+def is_causal_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """Whether a (batch, 1, q, kv) attention mask is exactly the plain causal mask (no padding, no window)."""
+    if q_len != kv_len or tuple(mask.shape[-2:]) != (q_len, kv_len):
+        return False
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        expected = allowed
+    else:
+        expected = torch.where(allowed, 0.0, torch.finfo(mask.dtype).min).to(mask.dtype)
+    return torch.equal(mask, expected.expand_as(mask))
+
+
+def fused_causal_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The eager attention function's contract, computed by `scaled_dot_product_attention` when it can be."""
+    traced = not isinstance(query, torch.Tensor)  # torch.fx proxies: keep the traced graph the engine expects
+    if traced or (attention_mask is not None and not is_causal_mask(attention_mask, query.shape[2], key.shape[2])):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        dropout_p=dropout,
+        is_causal=attention_mask is not None,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def fused_eager_attention() -> Iterator[None]:
+    """Route transformers' "eager" attention (which llm-compressor forces while calibrating) to the fused kernel."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    had_local = "eager" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("eager")
+    ALL_ATTENTION_FUNCTIONS["eager"] = fused_causal_attention
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["eager"] = previous
+        else:
+            del ALL_ATTENTION_FUNCTIONS["eager"]
+
+
+@contextmanager
+def fast_hessians() -> Iterator[None]:
+    """Swap in the fast GPTQ Hessian accumulation."""
+    from llmcompressor.modifiers.gptq import base
+
+    original = base.accumulate_hessian
+    gram = GramCache()
+    base.accumulate_hessian = fast_accumulate_hessian(gram, original)
+    try:
+        yield
+    finally:
+        base.accumulate_hessian = original
+        gram.clear()
+
+
+@contextmanager
+def tuned_engine(plan: TuningPlan) -> Iterator[None]:
+    """The plan's engine changes (Hessians, attention) for the duration of a `oneshot` call."""
+    with ExitStack() as stack:
+        if plan.enabled and plan.fast_hessian:
+            stack.enter_context(fast_hessians())
+        if plan.enabled and plan.fused_attention:
+            stack.enter_context(fused_eager_attention())
+        yield

@@ -1,0 +1,1 @@
+"""Developer tooling: the quantize-stage benchmark and synthetic models (`qpipe bench`, `qpipe synth-model`)."""

@@ -1,0 +1,1 @@
+"""Evaluation engines behind the eval stage: lm-eval, local MMLU, next-token fidelity, the gate."""

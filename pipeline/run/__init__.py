@@ -1,0 +1,1 @@
+"""Plumbing every stage uses: run context, manifest and fingerprints, files, child processes, resources."""

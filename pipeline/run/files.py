@@ -1,0 +1,78 @@
+"""File helpers: write-then-rename (an interrupted run never leaves a half-written file or folder), content
+hashes and sizes in words."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Atomically write `data` as indented JSON."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it replaces `final`, on failure it is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_directory(tmp, final)
+
+
+def replace_directory(src: Path, final: Path) -> None:
+    """Move `src` to `final`, replacing an existing `final` only once `src` is in place."""
+    if not final.exists():
+        os.replace(src, final)
+        return
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(src, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Streamed in 1 MiB blocks, so a multi-GB shard never sits in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def format_bytes(num: float) -> str:
+    """A byte count in binary units, e.g. "33.22 KiB" (whole bytes below 1 KiB)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while num >= 1024 and power < len(units) - 1:
+        num /= 1024
+        power += 1
+    return f"{num:.0f} B" if power == 0 else f"{num:.2f} {units[power]}"

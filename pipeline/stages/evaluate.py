@@ -1,0 +1,188 @@
+"""Eval stage: lm-eval (MMLU by default) on baseline and quantized, next-token fidelity, recovery gate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.eval.gate import MetricCheck, check_recovery, gate, paired_checks, scores
+from pipeline.formats import SCHEMES
+from pipeline.paths import default_cache_root
+from pipeline.recipe.load import resolve_data_path
+from pipeline.recipe.schema import CalibrateSpec, EvalSpec, Recipe
+from pipeline.run.context import RunContext
+from pipeline.run.files import write_json_atomic
+from pipeline.run.manifest import fingerprint, library_versions
+from pipeline.run.resources import release_accelerator_memory
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _local_tasks(spec: EvalSpec) -> tuple[Path | None, dict[str, Any]]:
+    """Include path and provenance for a local MMLU copy (converted once), else the hub."""
+    if not spec.mmlu_dir:
+        return None, {"source": "hub"}
+    from pipeline.eval.mmlu_local import prepare_local_mmlu
+
+    local = prepare_local_mmlu(resolve_data_path(spec.mmlu_dir), default_cache_root() / "mmlu")
+    return local.include_path, {
+        "source": "local",
+        "mmlu_dir": str(spec.mmlu_dir),
+        "fingerprint": local.fingerprint,
+        "subjects": len(local.subjects),
+    }
+
+
+def _evaluate(model_path: Path, recipe: Recipe, include: Path | None, log_file: Path) -> dict[str, Any]:
+    """lm-eval on one model: in this process (hf), or in the vLLM environment (vllm, `log_file` keeps its log)."""
+    from pipeline.eval.lm_eval_runner import run_lm_eval
+
+    spec = recipe.eval
+    request: dict[str, Any] = {
+        "model_path": str(model_path),
+        "tasks": spec.tasks,
+        "num_fewshot": spec.num_fewshot,
+        "limit": spec.limit,
+        "batch_size": spec.batch_size,
+        "device": _device(),
+        "include_path": include,
+        "backend": spec.backend,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "trust_remote_code": recipe.model.trust_remote_code,
+    }
+    start = time.perf_counter()
+    if spec.backend == "vllm":
+        from pipeline.vllm.evaluation import run_in_vllm_env
+
+        summary = run_in_vllm_env(request, recipe, log_file)
+    else:
+        summary = run_lm_eval(**request)
+        release_accelerator_memory()  # lm-eval's model is garbage now; free it before the next model loads
+    summary["wall_s"] = round(time.perf_counter() - start, 2)
+    return summary
+
+
+def baseline_summary(ctx: RunContext, recipe: Recipe, include: Path | None, data: dict[str, Any]) -> dict[str, Any]:
+    """The unquantized model's scores, cached by model (identity, revision, content), tasks, shots, limit,
+    backend and lm-eval."""
+    import json
+
+    spec = recipe.eval
+    key = fingerprint(
+        "baseline/v3",  # v3: per-question results for the paired gate
+        ctx.source.identity,
+        ctx.source.revision,
+        ctx.model_fingerprint,
+        spec.tasks,
+        spec.num_fewshot,
+        spec.limit,
+        spec.backend,
+        data.get("fingerprint", "hub"),
+        library_versions().get("lm_eval"),
+    )
+    path = default_cache_root() / "baselines" / f"{key[:24]}.json"
+    if path.is_file():
+        ctx.log.info("eval: baseline from cache %s", path)
+        return {**json.loads(path.read_text()), "cached": True}
+    ctx.log.info("eval: baseline %s on %s", ctx.source.identity, ",".join(spec.tasks))
+    summary = _evaluate(ctx.source.path, recipe, include, ctx.logs_dir / "eval-baseline.log")
+    write_json_atomic(path, summary)
+    return {**summary, "cached": False}
+
+
+def fidelity(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
+    """Next-token KL(baseline || quantized) and top-1 agreement on the held-out text set."""
+    from transformers import AutoTokenizer
+
+    from pipeline.eval.fidelity import next_token_fidelity
+    from pipeline.run.text_data import select_texts
+
+    spec = recipe.eval
+    trust = recipe.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=trust)
+    texts = select_texts(CalibrateSpec(dataset=spec.fidelity_dataset, num_samples=spec.fidelity_samples), tokenizer)
+    result = next_token_fidelity(
+        ctx.source.path, ctx.model_dir, texts, spec.fidelity_max_length, batch_size=4, trust_remote_code=trust
+    )
+    return {**result, "dataset": spec.fidelity_dataset}
+
+
+def min_recovery(recipe: Recipe) -> float:
+    return recipe.eval.min_recovery or SCHEMES[recipe.quantize.scheme].default_min_recovery
+
+
+def print_table(checks: list[MetricCheck], paired: list[dict], fid: dict[str, Any], verdict: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="eval: baseline vs quantized", title_justify="left")
+    for column in ("task", "metric", "baseline", "quantized", "recovery", "min", "pass"):
+        table.add_column(column)
+    for c in checks:
+        stderr = f" ±{c.quantized_stderr:.3f}" if c.quantized_stderr else ""
+        table.add_row(
+            c.task,
+            c.metric,
+            f"{c.baseline:.4f}",
+            f"{c.quantized:.4f}{stderr}",
+            f"{c.recovery:.1%}",
+            f"{c.min_recovery:.0%}",
+            "yes" if c.passed else "NO",
+        )
+    console = Console(stderr=True)
+    console.print(table)
+    for p in paired:
+        console.print(
+            f"{p['task']}: recovery {p['recovery']:.1%} over {p['questions']} paired questions "
+            f"({p['gained']} gained, {p['lost']} lost): {p['verdict']}, {p['reason']}"
+        )
+    console.print(
+        f"fidelity: KL(base||quant) {fid['kl_mean']:.5f} nats/token, top-1 agreement {fid['top1_agreement']:.1%} "
+        f"over {fid['tokens']} tokens; gate: {verdict}"
+    )
+
+
+def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
+    """Evaluate baseline (cached) and the exported model, write reports/eval.json, return the verdict."""
+    spec = recipe.eval
+    if not spec.enabled:
+        return {"_status": "disabled", "_note": "eval.enabled is false"}
+    include, data = _local_tasks(spec)
+    baseline = baseline_summary(ctx, recipe, include, data)
+    ctx.log.info("eval: quantized model on %s", ",".join(spec.tasks))
+    quantized = _evaluate(ctx.model_dir, recipe, include, ctx.logs_dir / "eval-quantized.log")
+    fid = fidelity(recipe, ctx)
+    checks = check_recovery(scores(baseline), scores(quantized), spec.tasks, min_recovery(recipe), spec.min_scores)
+    paired = paired_checks(baseline, quantized, spec.tasks, min_recovery(recipe), spec.min_questions)
+    verdict = gate(paired, checks)
+    report = {
+        "gate": verdict,
+        "min_recovery": min_recovery(recipe),
+        "min_scores": spec.min_scores,
+        "paired": paired,
+        "checks": [c.model_dump() for c in checks],
+        "fidelity": fid,
+        "data": data,
+        "settings": spec.model_dump(mode="json"),
+        "baseline": baseline,
+        "quantized": quantized,
+    }
+    write_json_atomic(ctx.reports_dir / "eval.json", report)
+    print_table(checks, paired, fid, verdict)
+    return {
+        "gate": verdict,
+        "paired": {p["task"]: [round(p["ci_low"], 4), round(p["ci_high"], 4), p["questions"]] for p in paired},
+        "path": "reports/eval.json",
+        "recovery": {f"{c.task}/{c.metric}": round(c.recovery, 4) for c in checks},
+        "kl_mean": fid["kl_mean"],
+        "top1_agreement": fid["top1_agreement"],
+        "baseline_wall_s": baseline["wall_s"],
+        "baseline_cached": baseline["cached"],
+        "quantized_wall_s": quantized["wall_s"],
+        "fidelity_wall_s": fid["wall_s"],
+    }

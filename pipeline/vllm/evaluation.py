@@ -1,0 +1,82 @@
+"""`eval.backend: vllm`: lm-eval's `vllm` model type, run by the vLLM environment's python.
+
+The request is the one the hf backend runs in-process; `pipeline/eval/lm_eval_runner.py` runs it there and
+writes the same summary, so eval.json has one structure whatever the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import StageFailed
+from pipeline.paths import PROJECT_ROOT
+from pipeline.recipe.schema import Recipe
+from pipeline.run.processes import run_json_child
+
+
+def context_length(model_dir: Path) -> int:
+    """The model's own context length (config.json `max_position_embeddings`): few-shot prompts (5-shot MMLU
+    runs to a few thousand tokens) must not be cut to the smoke test's short `max_model_len`."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    return int(config["max_position_embeddings"])
+
+
+def kv_bytes_per_token(model_dir: Path) -> int:
+    """KV-cache bytes one token takes: keys and values of every layer, in the checkpoint's 16-bit dtype."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * 2
+
+
+def engine_args(recipe: Recipe, model_dir: Path) -> dict[str, Any]:
+    """`vllm.LLM` settings: the model's full context, a KV cache of at least the smoke section's size that holds
+    one such sequence (sized explicitly: on CPU vLLM would otherwise reserve most of the RAM), no compilation
+    at start-up."""
+    from pipeline.vllm.launch import gpu_memory_utilization
+
+    max_len = context_length(model_dir)
+    args: dict[str, Any] = {
+        "kv_cache_memory_bytes": max(recipe.smoke.kv_cache_bytes, kv_bytes_per_token(model_dir) * max_len),
+        "max_model_len": max_len,
+        "enforce_eager": True,
+        "seed": recipe.calibrate.seed,
+    }
+    utilization = gpu_memory_utilization()
+    if utilization is not None:
+        args["gpu_memory_utilization"] = utilization
+    return args
+
+
+def run_in_vllm_env(request: dict[str, Any], recipe: Recipe, log_file: Path) -> dict[str, Any]:
+    """Run lm-eval on `request["model_path"]` in the vLLM environment; its errors become StageFailed."""
+    from pipeline.vllm.environment import vllm_python
+
+    python = vllm_python(recipe.smoke)
+    include = request["include_path"]
+    child_request = {
+        **request,
+        "include_path": str(include) if include else None,
+        "engine_args": engine_args(recipe, Path(request["model_path"])),
+    }
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    what = f"eval: lm-eval (vllm) on {request['model_path']}"
+    code, result = run_json_child(
+        [str(python), "-m", "pipeline.eval.lm_eval_runner"],
+        child_request,
+        log_file,
+        recipe.eval.timeout_s,
+        what,
+        "eval.timeout_s",
+        env,
+    )
+    if result is None or "error" in result:
+        reason = result["error"] if result else f"exit {code} without a result"
+        raise StageFailed(f"{what} failed: {reason}; log: {log_file}")
+    return result
