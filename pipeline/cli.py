@@ -103,11 +103,10 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_model(args: argparse.Namespace) -> int:
-    import torch
-
     from pipeline.bench.synthetic_model import QWEN3_8B, save_checkpoint, scaled_shape
+    from pipeline.run.resources import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     shape = scaled_shape(QWEN3_8B, args.layers, args.scale)
     print(save_checkpoint(shape, args.out, args.seed, device))
     return 0

@@ -13,19 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.run.resources import release_accelerator_memory
+from pipeline.run.resources import default_device, release_accelerator_memory
 
 
 def is_compressed_tensors(model_dir: Path) -> bool:
     """Whether ``model_dir``'s config.json declares a compressed-tensors quantization."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_causal_lm(

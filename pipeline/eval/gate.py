@@ -133,7 +133,7 @@ def paired_recovery(
     boot = _ratio((draws[:, 0] + draws[:, 2]).astype(float), (draws[:, 0] + draws[:, 1]).astype(float))
     tail = (1 - confidence) / 2
     low, high = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
-    point = float(_ratio(np.array([cells[0] + cells[2]], float), np.array([cells[0] + cells[1]], float))[0])
+    point = recovery_ratio(float(cells[0] + cells[1]), float(cells[0] + cells[2]))
     verdict, reason = _decide(low, high, n, min_recovery, min_questions, confidence)
     return PairedRecovery(
         questions=n,

@@ -195,13 +195,18 @@ def model_fingerprint(source: ModelSource) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
+def text_config(config_path: Path) -> dict[str, Any]:
+    """The language model's part of a config.json (`text_config` of multimodal checkpoints, else all of it)."""
+    config = json.loads(config_path.read_text())
+    return config.get("text_config", config)
+
+
 def linear_in_features(config_path: Path) -> set[int] | None:
     """in_features of a decoder's Linear layers from config.json, for group-size checks."""
     try:
-        cfg = json.loads(config_path.read_text())
+        cfg = text_config(config_path)
     except (OSError, ValueError):
         return None
-    cfg = cfg.get("text_config", cfg)
     hidden, inter = cfg.get("hidden_size"), cfg.get("intermediate_size")
     heads = cfg.get("num_attention_heads")
     head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)

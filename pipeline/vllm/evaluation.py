@@ -6,7 +6,6 @@ writes the same summary, so eval.json has one structure whatever the backend.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,21 +13,12 @@ from typing import Any
 from pipeline.errors import StageFailed
 from pipeline.paths import PROJECT_ROOT
 from pipeline.recipe.schema import Recipe
+from pipeline.run.model_source import text_config
 from pipeline.run.processes import run_json_child
 
 
-def context_length(model_dir: Path) -> int:
-    """The model's own context length (config.json `max_position_embeddings`): few-shot prompts (5-shot MMLU
-    runs to a few thousand tokens) must not be cut to the smoke test's short `max_model_len`."""
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
-    return int(config["max_position_embeddings"])
-
-
-def kv_bytes_per_token(model_dir: Path) -> int:
+def kv_bytes_per_token(config: dict[str, Any]) -> int:
     """KV-cache bytes one token takes: keys and values of every layer, in the checkpoint's 16-bit dtype."""
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
@@ -36,14 +26,16 @@ def kv_bytes_per_token(model_dir: Path) -> int:
 
 
 def engine_args(recipe: Recipe, model_dir: Path) -> dict[str, Any]:
-    """`vllm.LLM` settings: the model's full context, a KV cache of at least the smoke section's size that holds
-    one such sequence (sized explicitly: on CPU vLLM would otherwise reserve most of the RAM), no compilation
-    at start-up."""
+    """`vllm.LLM` settings: the model's own context length (`max_position_embeddings`: 5-shot prompts run to a few
+    thousand tokens and must not be cut to the smoke test's short `max_model_len`), a KV cache of at least the
+    smoke section's size that holds one such sequence (sized explicitly: on CPU vLLM would otherwise reserve
+    most of the RAM), no compilation at start-up."""
     from pipeline.vllm.launch import gpu_memory_utilization
 
-    max_len = context_length(model_dir)
+    config = text_config(model_dir / "config.json")
+    max_len = int(config["max_position_embeddings"])
     args: dict[str, Any] = {
-        "kv_cache_memory_bytes": max(recipe.smoke.kv_cache_bytes, kv_bytes_per_token(model_dir) * max_len),
+        "kv_cache_memory_bytes": max(recipe.smoke.kv_cache_bytes, kv_bytes_per_token(config) * max_len),
         "max_model_len": max_len,
         "enforce_eager": True,
         "seed": recipe.calibrate.seed,
