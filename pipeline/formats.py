@@ -89,9 +89,16 @@ class BackendInfo:
     unsupported_fields: tuple[str, ...] = ()  # QuantizeSpec fields this engine has no equivalent for
     distributed: bool = False  # calibration runs data-parallel under torchrun (quantize.num_gpus > 1)
     selects_layers: bool = False  # honours quantize.targets/ignore (else: every decoder Linear, not lm_head)
+    extra: str | None = None  # the pyproject extra that installs the engine (None: a base dependency)
 
     def output_format(self, method: str) -> FormatInfo:
         return FORMATS[self.formats[method]]
+
+    @property
+    def install_hint(self) -> str:
+        if self.extra is None:
+            return "reinstall qpipe (`make venv`)"
+        return f"install it with `pip install 'qpipe[{self.extra}]'` (`make venv` does)"
 
 
 BACKENDS: dict[str, BackendInfo] = {
@@ -109,6 +116,7 @@ BACKENDS: dict[str, BackendInfo] = {
         name="gptqmodel",
         module="pipeline.backends.gptqmodel_backend",
         package="gptqmodel",
+        extra="gptqmodel",
         methods=frozenset({"gptq", "awq"}),
         schemes=frozenset({"W4A16", "W4A16_ASYM", "W8A16"}),
         formats={"gptq": "gptq", "awq": "awq"},

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.backends import check_backend
 from pipeline.errors import PipelineError
 from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import bundled
 from pipeline.recipe.load import resolve_data_path
 from pipeline.recipe.schema import DEMO_CALIBRATION, DEMO_MMLU, REAL_MODEL_DATA, Recipe
 from pipeline.run.context import LOGGER_NAME
@@ -19,8 +19,8 @@ from pipeline.run.text_data import dataset_identity
 from pipeline.stages.quantize import recipe_needs_calibration
 
 log = logging.getLogger(LOGGER_NAME)
-DEMO_DATA_DIR = (PROJECT_ROOT / DEMO_CALIBRATION).parent
-FIXTURE_MMLU = PROJECT_ROOT / DEMO_MMLU
+DEMO_DATA_DIR = bundled(DEMO_CALIBRATION).parent
+FIXTURE_MMLU = bundled(DEMO_MMLU)
 
 
 def _model_config_path(recipe: Recipe) -> Path | None:

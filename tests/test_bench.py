@@ -49,6 +49,7 @@ def test_bench_subcommand_parses() -> None:
     assert args.methods == "gptq" and args.modes == ["raw", "tuned:tokens=4096"] and args.quality
 
 
+@pytest.mark.e2e  # two full benchmark runs (~12 s)
 def test_tiny_side_by_side_run_and_report(tmp_path: Path) -> None:
     path = run_bench(
         ["fp8", "gptq"],

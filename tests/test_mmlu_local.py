@@ -183,6 +183,7 @@ def test_offline_uncached_hub_data_is_a_one_line_hint(fixture_mmlu, monkeypatch:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.e2e  # all 57 subjects of the real MMLU (~10 s)
 @pytest.mark.skipif(not REAL_MMLU.is_dir(), reason=f"no real MMLU copy at {REAL_MMLU}")
 def test_real_mmlu_all_subjects_and_groups(tiny_model_dir: Path, tmp_path: Path) -> None:
     local = prepare_local_mmlu(REAL_MMLU, tmp_path / "cache")

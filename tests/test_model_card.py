@@ -155,12 +155,3 @@ def test_card_command_refuses_a_published_folder(tmp_path: Path, capsys: pytest.
 
 def test_table_cells_are_escaped() -> None:
     assert fmt_cell("a|b\nc") == "a\\|b c"
-
-
-def test_template_ships_as_package_data() -> None:
-    tomllib = pytest.importorskip("tomllib")
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["pipeline.artifact"]
-    template = ROOT / "pipeline" / "artifact" / "templates" / "model_card.md.j2"
-    assert template.is_file()
-    assert any(template.match(f"pipeline/artifact/{pattern}") for pattern in patterns)

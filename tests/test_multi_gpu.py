@@ -24,7 +24,7 @@ from pipeline.backends.distributed import (
     run_launch,
 )
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import import_root
 from pipeline.recipe.load import build_recipe, load_recipe
 from pipeline.recipe.schema import EvalSpec, QuantizeSpec, SmokeSpec
 
@@ -144,7 +144,7 @@ def test_launch_plan_is_torchrun_with_nvls_off(monkeypatch: pytest.MonkeyPatch) 
     assert plan.world_size == 4
     assert plan.env["NCCL_NVLS_ENABLE"] == "0"
     assert plan.env["OMP_NUM_THREADS"] == "16"
-    assert plan.env["PYTHONPATH"] == os.pathsep.join([str(PROJECT_ROOT), "/elsewhere"])
+    assert plan.env["PYTHONPATH"] == os.pathsep.join([str(import_root()), "/elsewhere"])
     assert launch_plan(Path("r.json"), 4, cpu_count=2).env["OMP_NUM_THREADS"] == "1"
 
 
@@ -213,7 +213,7 @@ def test_vllm_worker_passes_tensor_parallel_size_to_llm(
             config = types.SimpleNamespace(quantization=None, dtype="bfloat16")
             self.llm_engine = types.SimpleNamespace(model_config=config)
 
-        def collective_rpc(self, func: Any) -> list[dict[str, int]]:
+        def collective_rpc(self, method: str) -> list[dict[str, int]]:
             return [{}]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
@@ -269,6 +269,7 @@ def _run_gptq(model_dir: Path, output: Path, num_gpus: int) -> Path:
     return run_pipeline(recipe, path, ["calibrate", "quantize", "export"], output=output).run_dir
 
 
+@pytest.mark.e2e  # torchrun with two gloo ranks (~20 s)
 def test_two_rank_gloo_gptq_matches_single_process(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,6 +324,7 @@ def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -
         run_bench(["gptq"], ["raw", "tuned"], num_gpus=2)
 
 
+@pytest.mark.e2e  # torchrun with two gloo ranks (~20 s)
 def test_bench_runs_gptq_through_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.bench.benchmark import BenchReport, render_table, run_bench
 

@@ -16,7 +16,10 @@ class QuantizeBackend(Protocol):
 
     def load(self, path: Any, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]: ...
 
-    def quantize(self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int) -> Any: ...
+    def quantize(
+        self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int, log_dir: Any = None
+    ) -> Any:
+        """`log_dir`: a folder for files the engine writes of its own accord (logs); never the working directory."""
 
     def save(self, model: Any, tokenizer: Any, out_dir: Any, dtype: Any = None) -> None: ...
 
@@ -45,7 +48,7 @@ def check_backend(spec: QuantizeSpec) -> BackendInfo:
             f"quantize.scheme: the {fmt.label} checkpoint format is {fmt.only_bits}-bit only; got {spec.scheme}"
         )
     if importlib.util.find_spec(info.package) is None:
-        raise PipelineError(f"quantize.backend: {info.package} is not installed; run `make venv`")
+        raise PipelineError(f"quantize.backend: {info.package} is not installed; {info.install_hint}")
     return info
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import import_root
 from pipeline.recipe.schema import QuantizeSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.processes import run_bounded
@@ -91,7 +91,7 @@ class LaunchPlan(BaseModel):
 def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None) -> LaunchPlan:
     """torchrun (as `python -m torch.distributed.run`, so the venv's torch is used) with one rank per GPU."""
     threads = max(1, (cpu_count or os.cpu_count() or 1) // num_gpus)
-    pythonpath = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    pythonpath = os.pathsep.join(filter(None, [str(import_root()), os.environ.get("PYTHONPATH")]))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(num_gpus)]
     return LaunchPlan(
         argv=[*argv, "-m", WORKER_MODULE, str(request_file)],

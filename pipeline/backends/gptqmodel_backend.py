@@ -8,9 +8,11 @@ the transformers model), so this backend implements `load` as well as `quantize`
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends import patches
 from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES
 from pipeline.recipe.schema import QuantizeSpec
 
@@ -94,17 +96,21 @@ class Backend:
         )
         return model, model.tokenizer
 
-    def quantize(self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int) -> Any:
+    def quantize(
+        self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int, log_dir: Path | None = None
+    ) -> Any:
+        """`log_dir`: where GPTQModel's per-layer logs go (its default is `logs/` of the working directory)."""
         import torch
 
         torch.manual_seed(seed)
         rows = calibration_rows(calibration)
-        model.quantize(
-            packed_rows(rows) if spec.method == "awq" else rows,
-            batch_size=spec.batch_size,
-            backend=kernel_backend(spec),
-            calibration_sort=None,  # keep the calibrate stage's seeded order
-        )
+        with patches.gptqmodel_log_dir(log_dir) if log_dir is not None else nullcontext():
+            model.quantize(
+                packed_rows(rows) if spec.method == "awq" else rows,
+                batch_size=spec.batch_size,
+                backend=kernel_backend(spec),
+                calibration_sort=None,  # keep the calibrate stage's seeded order
+            )
         return model
 
     def save(self, model: Any, tokenizer: Any, out_dir: Path, dtype: Any = None) -> None:

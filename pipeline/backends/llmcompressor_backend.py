@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.backends import patches
 from pipeline.backends.tuning import TuningPlan, oneshot_overrides, plan_tuning, tuned_engine
 from pipeline.recipe.schema import QuantizeSpec
 
@@ -50,22 +50,9 @@ def build_modifiers(spec: QuantizeSpec) -> list[Any]:
     return modifiers
 
 
-@contextmanager
-def cpu_pinning_disabled() -> Iterator[None]:
-    """llm-compressor 0.14 AWQ pins cached activations for faster host-to-device copies, which fails
-    ("Cannot access accelerator device when none is available") on CPU-only torch. Without an
-    accelerator there is no copy to speed up, so pinning becomes a no-op for the duration."""
-    if torch.accelerator.is_available():
-        yield
-        return
-    from llmcompressor.pipelines.cache import IntermediatesCache
-
-    original = IntermediatesCache.pin_memory
-    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
-    try:
-        yield
-    finally:
-        IntermediatesCache.pin_memory = original
+def cpu_pinning_disabled() -> AbstractContextManager[None]:
+    """llm-compressor's AWQ pins cached activations, which fails on CPU-only torch; a no-op with an accelerator."""
+    return nullcontext() if torch.accelerator.is_available() else patches.llmcompressor_no_pinning()
 
 
 class Backend:
@@ -93,9 +80,11 @@ class Backend:
         calibration: Any,
         spec: QuantizeSpec,
         seed: int,
+        log_dir: Path | None = None,
         plan: TuningPlan | None = None,
     ) -> Any:
-        """Run `oneshot`; `plan` overrides the tuned settings `plan_tuning` would choose (benchmarks)."""
+        """Run `oneshot`; `plan` overrides the tuned settings `plan_tuning` would choose (benchmarks).
+        `log_dir` is unused: llm-compressor writes no files of its own."""
         from llmcompressor import oneshot
 
         torch.manual_seed(seed)

@@ -23,11 +23,13 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.backends import patches
 from pipeline.formats import SCHEMES
 from pipeline.recipe.schema import QuantizeSpec
 
@@ -241,43 +243,13 @@ def fused_causal_attention(
 
 
 @contextmanager
-def fused_eager_attention() -> Iterator[None]:
-    """Route transformers' "eager" attention (which llm-compressor forces while calibrating) to the fused kernel."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    had_local = "eager" in ALL_ATTENTION_FUNCTIONS._local_mapping
-    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("eager")
-    ALL_ATTENTION_FUNCTIONS["eager"] = fused_causal_attention
-    try:
-        yield
-    finally:
-        if had_local:
-            ALL_ATTENTION_FUNCTIONS["eager"] = previous
-        else:
-            del ALL_ATTENTION_FUNCTIONS["eager"]
-
-
-@contextmanager
-def fast_hessians() -> Iterator[None]:
-    """Swap in the fast GPTQ Hessian accumulation."""
-    from llmcompressor.modifiers.gptq import base
-
-    original = base.accumulate_hessian
-    gram = GramCache()
-    base.accumulate_hessian = fast_accumulate_hessian(gram, original)
-    try:
-        yield
-    finally:
-        base.accumulate_hessian = original
-        gram.clear()
-
-
-@contextmanager
 def tuned_engine(plan: TuningPlan) -> Iterator[None]:
     """The plan's engine changes (Hessians, attention) for the duration of a `oneshot` call."""
     with ExitStack() as stack:
         if plan.enabled and plan.fast_hessian:
-            stack.enter_context(fast_hessians())
+            gram = GramCache()
+            stack.callback(gram.clear)
+            stack.enter_context(patches.llmcompressor_hessian(partial(fast_accumulate_hessian, gram)))
         if plan.enabled and plan.fused_attention:
-            stack.enter_context(fused_eager_attention())
+            stack.enter_context(patches.transformers_eager_attention(fused_causal_attention))
         yield

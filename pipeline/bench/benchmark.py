@@ -31,6 +31,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,19 @@ def compare_weights(reference: dict[str, torch.Tensor], model: Any) -> dict[str,
     return {"weights_equal_fraction": equal / total, "weights_rel_l2": (diff_sq / ref_sq) ** 0.5}
 
 
+@dataclass
+class Trial:
+    """One benchmark run's inputs: the model built for it and its calibration set."""
+
+    key: str
+    mode: Mode
+    model: Any
+    calibration: Any
+    samples: int
+    seq_len: int
+    build_s: float
+
+
 class Bench:
     """Runs the requested methods x modes on one model shape and collects a `BenchReport`."""
 
@@ -304,7 +318,8 @@ class Bench:
             build_s = time.perf_counter() - start
             if self.quality and reference_logp is None:
                 reference_logp = log_probs(model, eval_ids)
-            result = self._quantize(key, method, mode, model, calibration, samples, seq_len, build_s, resident)
+            trial = Trial(key, mode, model, calibration, samples, seq_len, build_s)
+            result = self._quantize(trial, method, resident)
             if self.quality:
                 assert reference_logp is not None
                 quality: dict[str, Any] = {"kl_vs_unquantized": mean_kl(reference_logp, log_probs(model, eval_ids))}
@@ -328,23 +343,15 @@ class Bench:
                 torch.cuda.empty_cache()
             yield result
 
-    def _quantize(
-        self,
-        key: str,
-        method: BenchMethod,
-        mode: Mode,
-        model: Any,
-        calibration: Any,
-        samples: int,
-        seq_len: int,
-        build_s: float,
-        resident: int,
-    ) -> RunResult:
+    def _quantize(self, trial: Trial, method: BenchMethod, resident: int) -> RunResult:
         from pipeline.backends.llmcompressor_backend import Backend
+
+        key, mode, model, calibration = trial.key, trial.mode, trial.model, trial.calibration
+        samples, seq_len = trial.samples, trial.seq_len
 
         spec = method.spec.model_copy(update={"tuning": "off" if mode.name == "default" else "auto"})
         if self.num_gpus is not None:
-            return self._quantize_launched(key, spec, mode, model, calibration, samples, seq_len, build_s)
+            return self._quantize_launched(trial, spec)
         plan: TuningPlan | None = None
         if mode.name == "tuned":
             lengths = [seq_len] * samples if samples else None
@@ -370,7 +377,7 @@ class Bench:
             samples=samples,
             seq_len=seq_len,
             plan=plan.model_dump() if plan is not None else None,
-            stages_s={"build": round(build_s, 2), "quantize": round(wall, 2)},
+            stages_s={"build": round(trial.build_s, 2), "quantize": round(wall, 2)},
             phases_s={k: round(v, 2) for k, v in phases.items()},
             peak_gpu_gib=round(monitor.peak_gpu_mb / 1024 - resident / GIB, 2) if monitor.peak_gpu_mb else None,
             resident_before_gib=round(resident / GIB, 2) if self.device == "cuda" else None,
@@ -379,26 +386,18 @@ class Bench:
             samples_per_s_per_layer=round(samples * self.shape.num_layers / wall, 1) if samples else None,
         )
 
-    def _quantize_launched(
-        self,
-        key: str,
-        spec: QuantizeSpec,
-        mode: Mode,
-        model: Any,
-        calibration: Any,
-        samples: int,
-        seq_len: int,
-        build_s: float,
-    ) -> RunResult:
+    def _quantize_launched(self, trial: Trial, spec: QuantizeSpec) -> RunResult:
         """Save the model and calibration set, then quantize them with `num_gpus` torchrun ranks."""
         from pipeline.backends.distributed import RESERVE_CPU_BYTES, DistributedRequest, launch_quantize
+
+        key, model, samples, seq_len = trial.key, trial.model, trial.samples, trial.seq_len
 
         assert self.num_gpus is not None
         work = Path(tempfile.mkdtemp(prefix=f"qpipe-bench-{key}-"))
         start = time.perf_counter()
         model.save_pretrained(str(work / "model"))
         self.tokenizer.save_pretrained(str(work / "model"))
-        calibration.save_to_disk(str(work / "calibration"))
+        trial.calibration.save_to_disk(str(work / "calibration"))
         save_s = time.perf_counter() - start
         request = DistributedRequest(
             model=str(work / "model"),
@@ -417,13 +416,13 @@ class Bench:
         return RunResult(
             method=key,
             scheme=spec.scheme,
-            mode=mode.label,
+            mode=trial.mode.label,
             num_gpus=self.num_gpus,
             samples=samples,
             seq_len=seq_len,
             plan=result["tuning"],
             stages_s={
-                "build": round(build_s, 2),
+                "build": round(trial.build_s, 2),
                 "save": round(save_s, 2),
                 "quantize": quantize_s,
                 "launch": result["launch_s"],

@@ -84,20 +84,9 @@ def scaled_shape(base: ModelShape, layers: int | None = None, scale: float = 1.0
 
 def qwen3_config(shape: ModelShape) -> Any:
     """A `Qwen3Config` for `shape` (untied embeddings, no KV cache during calibration)."""
-    from transformers import Qwen3Config
+    from pipeline.demo.model import qwen3_config as config_for
 
-    return Qwen3Config(
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        vocab_size=shape.vocab_size,
-        max_position_embeddings=40960,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
+    return config_for(shape, max_position_embeddings=40960, use_cache=False)
 
 
 def synthetic_tokenizer() -> Any:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import tokenizers
 import torch
@@ -147,18 +148,39 @@ def spread_norm_gains(model: Qwen3ForCausalLM, sigma: float) -> None:
             norm.weight.copy_(torch.randn_like(norm.weight).mul_(sigma).exp_())
 
 
+class ModelDims(Protocol):
+    """The dimensions that define a Qwen3-architecture model (the demo spec's and the synthetic shapes' fields)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+
+def qwen3_config(dims: ModelDims, **overrides: Any) -> Qwen3Config:
+    """A `Qwen3Config` with these dimensions and untied embeddings; `overrides` are further config fields."""
+    fields = {
+        "hidden_size": dims.hidden_size,
+        "intermediate_size": dims.intermediate_size,
+        "num_hidden_layers": dims.num_layers,
+        "num_attention_heads": dims.num_heads,
+        "num_key_value_heads": dims.num_kv_heads,
+        "head_dim": dims.head_dim,
+        "vocab_size": dims.vocab_size,
+        "tie_word_embeddings": False,
+    }
+    return Qwen3Config(**{**fields, **overrides})
+
+
 def make_model(spec: DemoModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3ForCausalLM:
     """A freshly initialised tiny Qwen3 model (weights depend only on the torch seed)."""
-    config = Qwen3Config(
+    config = qwen3_config(
+        spec,
         vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
         max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

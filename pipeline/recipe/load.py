@@ -11,10 +11,10 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.errors import PipelineError
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import bundled
 from pipeline.recipe.schema import DEMO_DATA, REAL_MODEL_DATA, Recipe
 
-RECIPES_DIR = PROJECT_ROOT / "recipes"
+RECIPES_DIR = bundled("recipes")
 
 
 def resolve_recipe_path(ref: str) -> Path:
@@ -159,9 +159,9 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 def resolve_data_path(value: str) -> Path:
-    """A relative data path is taken from the working directory, else from the project root."""
+    """A relative data path is taken from the working directory, else from the project's bundled files."""
     path = Path(value).expanduser()
     if path.is_absolute() or path.exists():
         return path
-    bundled = PROJECT_ROOT / path
-    return bundled if bundled.exists() else path
+    packaged = bundled(path)
+    return packaged if packaged.exists() else path

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from pipeline.backends import QuantizeBackend, get_backend
@@ -47,18 +43,6 @@ def load_model(recipe: Recipe, ctx: RunContext, backend: QuantizeBackend) -> tup
     return backend.load(ctx.source.path, recipe.quantize, dtype, recipe.model.trust_remote_code)
 
 
-@contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    """Engines that write files relative to the working directory (GPTQModel: `logs/<method>_log_*.log`)
-    write them into the run directory, not wherever qpipe was started."""
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def run_quantize(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     """Quantize with the registered backend; the model is handed to export through `ctx.state` (in memory, or
     as the folder the ranks saved when `quantize.num_gpus` > 1)."""
@@ -76,8 +60,8 @@ def run_quantize(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     calibration = load_calibration(ctx) if recipe_needs_calibration(recipe) else None
     ctx.log.info("quantize: %s %s via %s", spec.method, spec.scheme, spec.backend)
     started = time.perf_counter()
-    with working_directory(ctx.run_dir):
-        quantized = backend.quantize(model, tokenizer, calibration, spec, seed=recipe.calibrate.seed)
+    log_dir = ctx.run_dir / "logs"
+    quantized = backend.quantize(model, tokenizer, calibration, spec, seed=recipe.calibrate.seed, log_dir=log_dir)
     engine_s = time.perf_counter() - started
     ctx.state.update(model=quantized, tokenizer=tokenizer, backend=backend)
     return {

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import default_vllm_env
 from pipeline.recipe.schema import SmokeSpec
 
 log = logging.getLogger(__name__)
@@ -302,8 +302,8 @@ def _last_line(text: str) -> str:
 
 
 def vllm_env_path() -> Path:
-    """`$QPIPE_VLLM_ENV`, else `.venv-vllm` at the project root."""
-    return Path(os.environ.get("QPIPE_VLLM_ENV") or PROJECT_ROOT / ".venv-vllm")
+    """`$QPIPE_VLLM_ENV`, else `.venv-vllm` beside the source tree (`venv-vllm` in the cache when installed)."""
+    return Path(os.environ.get("QPIPE_VLLM_ENV") or default_vllm_env())
 
 
 def vllm_python(spec: SmokeSpec) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StageFailed
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import import_root
 from pipeline.recipe.schema import Recipe
 from pipeline.run.model_source import text_config
 from pipeline.run.processes import run_json_child
@@ -57,7 +57,7 @@ def run_in_vllm_env(request: dict[str, Any], recipe: Recipe, log_file: Path) -> 
         "include_path": str(include) if include else None,
         "engine_args": engine_args(recipe, Path(request["model_path"])),
     }
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(import_root()), "TOKENIZERS_PARALLELISM": "false"}
     what = f"eval: lm-eval (vllm) on {request['model_path']}"
     code, result = run_json_child(
         [str(python), "-m", "pipeline.eval.lm_eval_runner"],

@@ -47,15 +47,8 @@ QUANT_CODE = ("vllm/model_executor/layers/quantization/", "vllm/model_executor/k
 PLATFORM_CODE = "vllm/platforms/"
 VLLM_OPS_MODULE = "vllm/_custom_ops.py"
 TORCH_OP_CALL = "torch/_ops.py"
-# Offline (a bad local path must not become a hub download), no telemetry, and allow `collective_rpc`
-# to ship our inspection function to vLLM's worker process (local trusted code only).
-ENGINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-}
+# Offline (a bad local path must not become a hub download) and no telemetry.
+ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 # "(EngineCore pid=12) ERROR 11-25 15:14:58 [core.py:1510] " prefixes on vLLM child-process lines.
 LOG_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] )?")
 FRAME_LINE = re.compile(r'^\s+File "(?P<file>[^"]+)", line \d+')
@@ -211,15 +204,10 @@ def quantization_config(model_dir: str) -> dict[str, Any] | None:
     return json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
 
 
-def layer_quant_summary(worker: Any) -> dict[str, int]:
-    """Count the model's modules by quantization scheme (``layer.scheme``, with its kernels) or quant method.
-
-    Runs in vLLM's worker process via ``LLM.collective_rpc``, which ships it by value (builtins only).
-    (``LLM.apply_model`` cannot: the engine re-pickles its argument by reference, which fails for
-    functions of a ``__main__`` module.)
-    """
+def layer_quant_summary(model: Any) -> dict[str, int]:
+    """Count the model's modules by quantization scheme (``layer.scheme``, with its kernels) or quant method."""
     counts: dict[str, int] = {}
-    for module in worker.get_model().modules():
+    for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is None:
             continue
@@ -232,6 +220,15 @@ def layer_quant_summary(worker: Any) -> dict[str, int]:
             name = f"{name}[{','.join(kernels)}]"
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+class InspectionExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``), so ``collective_rpc`` calls it by name and
+    nothing is pickled. vLLM resolves it as ``__main__.InspectionExtension`` in its engine processes, which
+    inherit (fork) or re-import (spawn) this file as their main module."""
+
+    def qpipe_layer_schemes(self) -> dict[str, int]:
+        return layer_quant_summary(self.get_model())  # type: ignore[attr-defined]  (a method of vLLM's worker)
 
 
 def versions() -> dict[str, str | None]:
@@ -263,13 +260,14 @@ def load_engine(request: dict[str, Any], result: dict[str, Any]) -> Any:
         kv_cache_memory_bytes=int(request["kv_cache_gib"] * GIB),
         tensor_parallel_size=request["tensor_parallel_size"],
         trust_remote_code=request["trust_remote_code"],
+        worker_extension_cls=f"{__name__}.{InspectionExtension.__name__}",
     )
     result["timings"]["load_s"] = round(time.perf_counter() - started, 3)
     model_config = llm.llm_engine.model_config
     result["quantization"] = {
         "method": model_config.quantization,
         "dtype": str(model_config.dtype),
-        "layer_schemes": llm.collective_rpc(layer_quant_summary)[0],
+        "layer_schemes": llm.collective_rpc("qpipe_layer_schemes")[0],
         "config": quantization_config(request["model"]),
     }
     return llm

@@ -1,0 +1,100 @@
+"""Every change qpipe makes to another library's internals, in one place and version-guarded.
+
+Each swap names the distribution and the versions it was written against. Outside them the library is left
+as it is and one warning says which change was skipped, so a newer release degrades to the library's own
+behaviour (slower, or a documented limitation) instead of failing inside a private function.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from pipeline.run.context import LOGGER_NAME
+
+log = logging.getLogger(LOGGER_NAME)
+LLMCOMPRESSOR = ("llmcompressor", "==0.14.*")
+TRANSFORMERS = ("transformers", ">=5.0,<6")
+GPTQMODEL = ("gptqmodel", "==7.6.*")
+
+
+def written_for(library: tuple[str, str], what: str) -> bool:
+    """Whether the installed `library` (distribution, version specifier) is one `what` was written for."""
+    distribution, versions = library
+    installed = importlib.metadata.version(distribution)
+    if Version(installed) in SpecifierSet(versions):
+        return True
+    log.warning(
+        "%s %s is outside %s, which %s was written for: running without it", distribution, installed, versions, what
+    )
+    return False
+
+
+@contextmanager
+def swap_attribute(owner: Any, name: str, value: Any, library: tuple[str, str]) -> Iterator[None]:
+    """`owner.name = value` for the block, restored afterwards."""
+    what = f"the swap of {getattr(owner, '__name__', owner)}.{name}"
+    if not hasattr(owner, name) or not written_for(library, what):
+        yield
+        return
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextmanager
+def swap_item(mapping: MutableMapping[str, Any], key: str, value: Any, library: tuple[str, str]) -> Iterator[None]:
+    """`mapping[key] = value` for the block; afterwards the previous value, or no key if there was none."""
+    if not written_for(library, f"the swap of {key!r} in {type(mapping).__name__}"):
+        yield
+        return
+    missing = object()
+    original = mapping.get(key, missing)
+    mapping[key] = value
+    try:
+        yield
+    finally:
+        if original is missing:
+            del mapping[key]
+        else:
+            mapping[key] = original
+
+
+def llmcompressor_hessian(accumulate: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """GPTQ's Hessian accumulation (`llmcompressor.modifiers.gptq.base.accumulate_hessian`) replaced by
+    `accumulate(original)`."""
+    from llmcompressor.modifiers.gptq import base
+
+    return swap_attribute(base, "accumulate_hessian", accumulate(base.accumulate_hessian), LLMCOMPRESSOR)
+
+
+def llmcompressor_no_pinning() -> Any:
+    """AWQ's activation cache pins host memory, which CPU-only torch refuses; without an accelerator
+    there is no copy to speed up, so pinning becomes a no-op."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    return swap_attribute(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None, LLMCOMPRESSOR)
+
+
+def transformers_eager_attention(function: Callable[..., Any]) -> Any:
+    """transformers' "eager" attention (which llm-compressor forces while calibrating) routed to `function`."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return swap_item(ALL_ATTENTION_FUNCTIONS._local_mapping, "eager", function, TRANSFORMERS)
+
+
+def gptqmodel_log_dir(path: Path) -> Any:
+    """GPTQModel writes per-layer logs to `logs/` of the working directory; they go to `path` instead."""
+    from gptqmodel.looper import loop_processor
+
+    return swap_attribute(loop_processor, "_PROJECT_LOG_DIR", path, GPTQMODEL)
