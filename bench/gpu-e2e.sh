@@ -5,6 +5,8 @@
 #   bash bench/gpu-e2e.sh piece               keep the .whl/vllm/site.tar.xz.part-* carried in this call
 #   bash bench/gpu-e2e.sh vllm                reassemble the vLLM site dir and link it as qpipe's vLLM env
 #   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint; reports into $OUT
+#   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
+#                                             checkpoint unless SERVE_ARGS has --no-base); figures into $OUT
 # Several subcommands may follow each other in one call: `bash bench/gpu-e2e.sh setup run gptq calibrate,...,eval`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,9 +83,21 @@ run() {
   echo "qpipe run $recipe exit $status"
 }
 
+serve() {
+  local recipes=$1 r status=0
+  local -a dirs=()
+  for r in ${recipes//,/ }; do dirs+=("$(ls -d "$ART"/*/"$r"-* | head -1)"); done
+  mkdir -p "$OUT"
+  # shellcheck disable=SC2086
+  timed qpipe bench serve "${dirs[@]}" --out "$ROOT/serve-${recipes//,/-}" ${SERVE_ARGS:-} || status=$?
+  tar -czf "$OUT/serve-${recipes//,/-}.tar.gz" -C "$ROOT" "serve-${recipes//,/-}" || true
+  echo "qpipe bench serve $recipes exit $status"
+}
+
 while [ $# -gt 0 ]; do
   case $1 in
     setup | piece | vllm) "$1"; shift ;;
+    serve) serve "$2"; shift 2 ;;
     run)
       if [ $# -ge 3 ] && [[ $3 == *,* ]]; then run "$2" "$3"; shift 3; else run "$2"; shift 2; fi ;;
     *) echo "unknown subcommand $1" >&2; exit 2 ;;

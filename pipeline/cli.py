@@ -136,6 +136,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from pipeline.bench.serving import ServeSettings, run_serve_bench
+
+    try:
+        concurrency = tuple(int(n) for n in args.concurrency.split(","))
+    except ValueError:
+        raise PipelineError(f"--concurrency: {args.concurrency!r} is not a comma list of integers") from None
+    settings = ServeSettings(
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        concurrency=concurrency,
+        max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        timeout_s=args.timeout,
+    )
+    report = run_serve_bench(args.models, args.out, settings, args.base, args.alternatives, not args.no_base)
+    print((args.out / "serving.md").read_text())
+    return 0 if all(r["status"] == "ok" for r in report["runs"]) else 1
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time the quantize stage vs raw llm-compressor on a synthetic Qwen3-8B")
     bench.add_argument("--methods", default="gptq,awq,fp8", help="comma list of gptq, awq, fp8")
@@ -162,6 +182,20 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--report", action="store_true", help="then regenerate docs/BENCHMARKS.md")
     bench.add_argument("--report-only", action="store_true", help="only regenerate docs/BENCHMARKS.md")
     bench.set_defaults(func=cmd_bench)
+    modes = bench.add_subparsers(dest="bench_mode", metavar="{serve}")
+    serve = modes.add_parser("serve", help="serving figures of exported models in vLLM on a GPU (base vs quantized)")
+    serve.add_argument("models", type=Path, nargs="+", help="run directories or exported model folders")
+    serve.add_argument("--base", type=Path, help="the unquantized model (default: the run directories' source)")
+    serve.add_argument("--no-base", action="store_true", help="measure only the models given")
+    serve.add_argument("--concurrency", default="1,8,64,512", help="requests submitted at once, comma list")
+    serve.add_argument("--prompt-tokens", type=int, default=512)
+    serve.add_argument("--output-tokens", type=int, default=256)
+    serve.add_argument("--max-model-len", type=int, default=4096)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--alternatives", action="store_true", help="re-run each kernel choice with it disabled")
+    serve.add_argument("--timeout", type=int, default=1200, help="seconds per vLLM process")
+    serve.add_argument("--out", type=Path, default=Path("serve-bench"), help="results folder")
+    serve.set_defaults(func=cmd_bench_serve)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from pipeline.run.manifest import Manifest, StageRecord, now_iso
 TEMPLATE = "model_card.md.j2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SUMMARY_KEYS = ("alias", "n_samples")
+SERVING_REPORT = "reports/serving.json"  # written by `qpipe bench serve`, shown when present
 SMOKE_FIGURES = {
     "load_s": "load time (s)",
     "ttft_s": "time to first token (s)",
@@ -99,6 +100,7 @@ def card_context(run_dir: Path, manifest: Manifest, recipe: Recipe) -> dict[str,
         "calibration": calibration_section(recipe, manifest.stages.get("calibrate")),
         "eval": eval_section(run_dir, manifest),
         "smoke": smoke_section(run_dir, manifest),
+        "serving": serving_section(run_dir),
         "size": size_section(manifest, base),
         "versions": export.versions if export else {},
         "command": reproduce_command(manifest.command),
@@ -308,6 +310,12 @@ def smoke_section(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def serving_section(run_dir: Path) -> str | None:
+    """The serving table of reports/serving.json (`qpipe bench serve` on a GPU), or None when not measured."""
+    path = run_dir / SERVING_REPORT
+    return serving_table(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
 def size_section(manifest: Manifest, base: dict[str, Any]) -> dict[str, Any]:
     """Size of the quantized weights folder, and of the base model's weights when its folder is here."""
     export = manifest.stages.get("export")
@@ -352,3 +360,46 @@ def fmt_size(num: float | None) -> str:
 def fmt_cell(value: Any) -> str:
     """A value safe inside a Markdown table cell."""
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def fmt_figure(value: Any, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def serving_row(run: dict[str, Any], levels: list[int]) -> list[str]:
+    """The cells of one run of `qpipe bench serve`."""
+    name = run["label"] + "".join(f" without {k}" for k in run["disabled_kernels"])
+    if run["status"] != "ok":
+        return [name, f"{run['status']}: {fmt_cell(run.get('error'))}", *[""] * (6 + len(levels))]
+    bound = run["decode_bound"]
+    decode = fmt_figure(run["decode_tokens_per_s"])
+    if bound:
+        decode += f" ({fmt_figure(bound['tokens_per_s'])}, {run['decode_of_bound']:.0%})"
+    sweep = {s["requests"]: s["output_tokens_per_s"] for s in run["sweep"]}
+    return [
+        name,
+        ", ".join(run["kernels"]) or "–",
+        fmt_figure(run["load_s"]),
+        fmt_figure(run["weights_gib"], 2),
+        fmt_figure(run["kv_cache_tokens"], 0),
+        fmt_figure(run["max_concurrency"]),
+        fmt_figure(run["ttft_s"] * 1000),
+        decode,
+        *(fmt_figure(sweep.get(n)) for n in levels),
+    ]
+
+
+def serving_table(report: dict[str, Any]) -> str:
+    """Markdown for a `qpipe bench serve` report: one row per run, output throughput per concurrency last."""
+    settings = report["settings"]
+    levels = settings["concurrency"]
+    head = ["model", "kernels", "load s", "weights GiB", "KV cache tokens", "max seqs", "TTFT ms"]
+    head += ["decode tok/s (bound, share)", *(f"out tok/s @{n}" for n in levels)]
+    rows = [head, ["---"] * len(head), *(serving_row(run, levels) for run in report["runs"])]
+    device = next((r["device"] for r in report["runs"] if r.get("device")), "unknown device")
+    return (
+        f"Serving in vLLM on {device}: {settings['prompt_tokens']} prompt + {settings['output_tokens']} output "
+        f"tokens per request (`ignore_eos`), max_model_len {settings['max_model_len']}, CUDA graphs.\n\n"
+        + "\n".join(f"| {' | '.join(row)} |" for row in rows)
+        + "\n"
+    )

@@ -4,9 +4,12 @@ Usage: ``<vllm-env>/bin/python pipeline/vllm/worker.py [request.json]`` (stdin w
 It imports only the standard library, vllm and what vllm brings, so it runs by file path without
 installing qpipe into the vLLM env. One JSON request in, one JSON result on stdout; logs on stderr.
 
-Request keys: ``model`` (dir, required), ``prompts`` (list[str], required), ``max_tokens`` (16),
-``chat_template`` (false), ``kv_cache_gib`` (1.0), ``max_model_len`` (1024), ``tensor_parallel_size`` (1),
-``gpu_memory_utilization`` (null: vLLM's default), ``trust_remote_code`` (false), ``seed`` (0), ``logprobs`` (1).
+Request keys: ``model`` (dir, required), ``prompts`` (list[str], required unless ``serving``), ``max_tokens``
+(16), ``chat_template`` (false), ``kv_cache_gib`` (1.0; null: what ``gpu_memory_utilization`` leaves),
+``max_model_len`` (1024), ``tensor_parallel_size`` (1), ``gpu_memory_utilization`` (null: vLLM's default),
+``enforce_eager`` (true; false: CUDA graphs), ``trust_remote_code`` (false), ``seed`` (0), ``logprobs`` (1),
+``serving`` (null, or ``{"prompt_tokens", "output_tokens", "concurrency": [...]}``: serving figures instead of
+the smoke generations).
 Result ``status`` is ``ok``, ``error`` or ``unsupported-on-this-platform`` (exit code 0, 1 or 2).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import select
 import signal
@@ -33,9 +37,11 @@ DEFAULTS: dict[str, Any] = {
     "max_model_len": 1024,
     "tensor_parallel_size": 1,
     "gpu_memory_utilization": None,
+    "enforce_eager": True,
     "trust_remote_code": False,
     "seed": 0,
     "logprobs": 1,
+    "serving": None,
 }
 EXIT_CODES = {"ok": 0, "error": 1, "unsupported-on-this-platform": 2}
 GIB = 1 << 30
@@ -49,6 +55,12 @@ VLLM_OPS_MODULE = "vllm/_custom_ops.py"
 TORCH_OP_CALL = "torch/_ops.py"
 # Offline (a bad local path must not become a hub download) and no telemetry.
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# What vLLM's engine logs at start-up (stable wording since 0.8): KV cache tokens, concurrency, weight memory.
+ENGINE_LOG_FIGURES = {
+    "kv_cache_tokens": r"KV cache size: ([\d,]+) tokens",
+    "max_concurrency": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
+    "weights_gib": r"Model loading took ([\d.]+) GiB",
+}
 # "(EngineCore pid=12) ERROR 11-25 15:14:58 [core.py:1510] " prefixes on vLLM child-process lines.
 LOG_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] )?")
 FRAME_LINE = re.compile(r'^\s+File "(?P<file>[^"]+)", line \d+')
@@ -194,7 +206,9 @@ def read_request(argv: list[str]) -> dict[str, Any]:
     if not isinstance(model, str) or not (Path(model) / "config.json").is_file():
         raise RequestError(f"not a model directory (no config.json): {model}")
     prompts = request.get("prompts")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+    if request["serving"] is None and (
+        not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts)
+    ):
         raise RequestError("'prompts' must be a non-empty list of strings")
     return request
 
@@ -222,6 +236,24 @@ def layer_quant_summary(model: Any) -> dict[str, int]:
     return counts
 
 
+def weight_figures(model: Any) -> dict[str, Any]:
+    """The device, the bytes of the model's parameters and buffers on it, and of its input embedding (of which a
+    decode step reads one row, so it does not count towards the bytes read per token)."""
+    import torch
+
+    def nbytes(tensors: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    tensors = [*model.parameters(), *model.buffers()]
+    embeddings = [m for m in model.modules() if type(m).__name__ == "VocabParallelEmbedding"]  # not the LM head
+    device = tensors[0].device
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "weights_bytes": nbytes(tensors),
+        "embedding_bytes": sum(nbytes(m.parameters()) for m in embeddings),
+    }
+
+
 class InspectionExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``), so ``collective_rpc`` calls it by name and
     nothing is pickled. vLLM resolves it as ``__main__.InspectionExtension`` in its engine processes, which
@@ -229,6 +261,9 @@ class InspectionExtension:
 
     def qpipe_layer_schemes(self) -> dict[str, int]:
         return layer_quant_summary(self.get_model())  # type: ignore[attr-defined]  (a method of vLLM's worker)
+
+    def qpipe_weight_figures(self) -> dict[str, Any]:
+        return weight_figures(self.get_model())  # type: ignore[attr-defined]
 
 
 def versions() -> dict[str, str | None]:
@@ -251,13 +286,15 @@ def load_engine(request: dict[str, Any], result: dict[str, Any]) -> Any:
 
     started = time.perf_counter()
     utilization = request["gpu_memory_utilization"]
+    sizing = {"gpu_memory_utilization": utilization} if utilization else {}
+    if request["kv_cache_gib"] is not None:
+        sizing["kv_cache_memory_bytes"] = int(request["kv_cache_gib"] * GIB)
     llm = LLM(
         model=request["model"],
-        **({"gpu_memory_utilization": utilization} if utilization else {}),
-        enforce_eager=True,
+        **sizing,
+        enforce_eager=request["enforce_eager"],
         seed=request["seed"],
         max_model_len=request["max_model_len"],
-        kv_cache_memory_bytes=int(request["kv_cache_gib"] * GIB),
         tensor_parallel_size=request["tensor_parallel_size"],
         trust_remote_code=request["trust_remote_code"],
         worker_extension_cls=f"{__name__}.{InspectionExtension.__name__}",
@@ -342,6 +379,58 @@ def generate(llm: Any, request: dict[str, Any], result: dict[str, Any]) -> None:
     }
     result["generations"] = records
     result["nonfinite_logprobs"] = any(r["nonfinite_logprobs"] for r in records)
+
+
+def engine_log_figures(text: str) -> dict[str, float]:
+    """The KV cache capacity and weight memory vLLM's engine logged at start-up (absent ones left out)."""
+    figures: dict[str, float] = {}
+    for key, pattern in ENGINE_LOG_FIGURES.items():
+        if match := re.search(pattern, text):
+            figures[key] = float(match.group(1).replace(",", ""))
+    return figures
+
+
+def timed_generate(llm: Any, prompts: list[Any], max_tokens: int) -> tuple[float, int]:
+    """Wall seconds and output tokens of one greedy `generate` that produces exactly `max_tokens` per prompt."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - started, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def serve_figures(llm: Any, serving: dict[str, Any], seed: int, result: dict[str, Any]) -> None:
+    """Batch-1 time to first token and decode speed, then output throughput at each concurrency: requests of
+    `prompt_tokens` seeded random token ids each generating `output_tokens` (`ignore_eos`), all submitted at once."""
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(seed)
+    vocab = len(llm.get_tokenizer())
+    length, output = serving["prompt_tokens"], serving["output_tokens"]
+
+    def prompts(n: int) -> list[Any]:
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(vocab) for _ in range(length)]) for _ in range(n)]
+
+    timed_generate(llm, prompts(2), 8)  # warm-up: first-request setup, sampler and graph paths
+    ttft = sorted(timed_generate(llm, prompts(1), 1)[0] for _ in range(3))[1]
+    wall, tokens = timed_generate(llm, prompts(1), output)
+    result["batch1"] = {
+        "ttft_s": round(ttft, 4),
+        "decode_tokens_per_s": round((tokens - 1) / (wall - ttft), 2) if wall > ttft else None,
+    }
+    result["sweep"] = []
+    for n in serving["concurrency"]:
+        wall, tokens = timed_generate(llm, prompts(n), output)
+        result["sweep"].append(
+            {
+                "requests": n,
+                "wall_s": round(wall, 3),
+                "output_tokens": tokens,
+                "output_tokens_per_s": round(tokens / wall, 1),
+                "total_tokens_per_s": round(n * (length + output) / wall, 1),
+            }
+        )
 
 
 def parse_tracebacks(text: str) -> list[Failure]:
@@ -433,8 +522,14 @@ def run(request: dict[str, Any], result: dict[str, Any], capture: OutputCapture)
     result["versions"] = versions()
     capture.begin_stage()
     llm = load_engine(request, result)
+    load_log = capture.stage_text()
     capture.begin_stage()
-    generate(llm, request, result)
+    if request["serving"] is not None:
+        result["engine_log"] = engine_log_figures(load_log)
+        result["memory"] = llm.collective_rpc("qpipe_weight_figures")[0]
+        serve_figures(llm, request["serving"], request["seed"], result)
+    else:
+        generate(llm, request, result)
     return {**result, "status": "ok"}
 
 
