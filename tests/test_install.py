@@ -44,17 +44,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin/qpipe"
 
 
-def qpipe(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`qpipe` in `cwd`, with this checkout's vLLM environment (an installed qpipe would build its own)."""
+def installed_env() -> dict[str, str]:
+    """No source tree on the path; this checkout's vLLM environment (an installed qpipe would build its own)."""
     from pipeline.vllm.environment import vllm_env_path
 
-    env = {**os.environ, "PYTHONPATH": "", "QPIPE_VLLM_ENV": str(vllm_env_path())}
+    return {**os.environ, "PYTHONPATH": "", "QPIPE_VLLM_ENV": str(vllm_env_path())}
+
+
+def qpipe(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = installed_env()
     return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
 
 
 def test_installed_package_reads_its_own_files(installed: Path, tmp_path: Path) -> None:
     probe = "import pipeline.paths as p; print(p.SOURCE_CHECKOUT, p.PACKAGE_DIR)"
-    out = subprocess.check_output([installed.with_name("python"), "-c", probe], cwd=tmp_path, text=True).split()
+    python = installed.with_name("python")
+    out = subprocess.check_output([python, "-c", probe], cwd=tmp_path, env=installed_env(), text=True).split()
     assert out[0] == "False" and ROOT not in Path(out[1]).parents
     listed = qpipe(installed, tmp_path, "recipes")
     assert listed.returncode == 0 and "awq" in listed.stdout, listed.stderr
