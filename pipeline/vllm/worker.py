@@ -48,6 +48,7 @@ GIB = 1 << 30
 RSS_POLL_S = 0.1
 CAPTURE_LIMIT = 4 << 20  # bytes of recent stderr kept for error analysis
 DRAIN_TIMEOUT_S = 5.0
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 # vLLM code that rejects a quantization method/scheme/kernel, and its compiled-op wrapper module.
 QUANT_CODE = ("vllm/model_executor/layers/quantization/", "vllm/model_executor/kernels/")
 PLATFORM_CODE = "vllm/platforms/"
@@ -533,10 +534,24 @@ def run(request: dict[str, Any], result: dict[str, Any], capture: OutputCapture)
     return {**result, "status": "ok"}
 
 
+def stop_with_parent() -> None:
+    """Get SIGTERM when the process that started this one dies, even by SIGKILL, so that vLLM's engine (which
+    holds the GPU) never outlives the qpipe run that started it (Linux: ``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str]) -> int:
     """Entry point: JSON request in (file ``argv[0]`` or stdin), JSON result on the original stdout and in
     the file ``argv[1]`` when given; everything else on stderr."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    stop_with_parent()
     capture = OutputCapture()
     monitor = RssMonitor()
     result: dict[str, Any] = {}

@@ -1,0 +1,47 @@
+"""The vLLM worker's process lifetime: it never outlives the qpipe process that started it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.vllm.launch import WORKER
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_worker_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """A qpipe killed by SIGKILL cannot stop its child; the worker must notice (its engine would hold the GPU)."""
+    pid_file = tmp_path / "worker.pid"
+    parent = (
+        "import subprocess, sys, time; "
+        f"w = subprocess.Popen([sys.executable, {str(WORKER)!r}], stdout=subprocess.DEVNULL, stderr=2); "
+        f"open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(120)"
+    )
+    read_end, write_end = os.pipe()  # the worker waits for its request on this stdin, which the test keeps open
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdin=read_end)
+    os.close(read_end)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "the worker did not start"
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        time.sleep(1.0)  # let it reach its stdin read
+        assert _alive(worker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived its killed parent"
+    finally:
+        os.close(write_end)
