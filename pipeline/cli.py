@@ -210,7 +210,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from pipeline.artifact.publish import publish
 
-    where = publish(args.artifact, args.to, args.allow_failed_gate, args.dry_run, private=not args.public)
+    where = publish(
+        args.artifact, args.to, args.allow_failed_gate, args.dry_run, private=not args.public, replace=args.replace
+    )
     print(where if args.dry_run else f"published {args.artifact} to {where}")
     return 0
 
@@ -234,6 +236,7 @@ def _add_artifact_parsers(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("--to", required=True, help="hf://org/name[@revision], file:///path or a directory")
     publish.add_argument("--allow-failed-gate", action="store_true", help=gate_help)
     publish.add_argument("--dry-run", action="store_true", help="print what would be published, change nothing")
+    publish.add_argument("--replace", action="store_true", help="replace an earlier publish in a directory target")
     publish.add_argument(
         "--public", action="store_true", help="create a new hub repository as public (default: private)"
     )

@@ -163,12 +163,27 @@ def test_publish_to_directory_yields_a_verifiable_copy(run_dir: Path, tmp_path: 
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
-def test_publish_accepts_file_url_and_replaces_an_earlier_publish(run_dir: Path, tmp_path: Path) -> None:
+def test_publish_accepts_file_url_and_replaces_an_earlier_publish_only_when_asked(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dest = tmp_path / "registry"
     assert qpipe("publish", run_dir, "--to", f"file://{dest}") == 0
-    (dest / "stale.txt").write_text("left from an older publish")
-    assert qpipe("publish", run_dir, "--to", f"file://{dest}") == 0
-    assert not (dest / "stale.txt").exists()
+    assert qpipe("publish", run_dir, "--to", f"file://{dest}") == 2
+    assert "holds an earlier publish; pass --replace" in capsys.readouterr().err
+    (dest / "README.md").write_text("edited by hand")
+    assert qpipe("publish", run_dir, "--to", f"file://{dest}", "--replace") == 0
+    assert qpipe("verify", dest) == 0
+
+
+def test_replace_keeps_files_no_publish_wrote(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "registry"
+    assert qpipe("publish", run_dir, "--to", dest) == 0
+    (dest / "notes.txt").write_text("mine")
+    assert qpipe("publish", run_dir, "--to", dest, "--replace") == 2
+    assert "holds notes.txt that no publish wrote" in capsys.readouterr().err
+    assert (dest / "notes.txt").read_text() == "mine" and (dest / PUBLISHED_MANIFEST).is_file()
 
 
 def test_publish_refuses_a_tampered_artifact(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -231,6 +246,7 @@ class FakeHub(ThreadingHTTPServer):
         self.calls: list[tuple[str, str]] = []
         self.commits: list[dict[str, Any]] = []
         self.created: list[dict[str, Any]] = []
+        self.remote_files = [".gitattributes", "old-model.safetensors"]  # the repository before the upload
 
     @property
     def url(self) -> str:
@@ -253,7 +269,18 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.calls.append(("GET", self.path))
-        self.reply(404, {"error": "not implemented by the fake hub"})
+        if "/tree/" in self.path:
+            self.reply_list([{"type": "file", "path": p, "size": 1, "oid": "0"} for p in self.server.remote_files])
+        else:
+            self.reply(404, {"error": "not implemented by the fake hub"})
+
+    def reply_list(self, body: list[dict[str, Any]]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -281,7 +308,9 @@ class HubHandler(BaseHTTPRequestHandler):
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
             files = {e["value"]["path"]: base64.b64decode(e["value"]["content"]) for e in lines if e["key"] == "file"}
             header = next(e["value"] for e in lines if e["key"] == "header")
-            self.server.commits.append({"repo": match[1], "revision": match[2], "files": files, **header})
+            deleted = sorted(e["value"]["path"] for e in lines if e["key"] == "deletedFile")
+            commit = {"repo": match[1], "revision": match[2], "files": files, "deleted": deleted, **header}
+            self.server.commits.append(commit)
             self.reply(200, {"commitUrl": f"{self.server.url}/{match[1]}/commit/c0ffee", "commitOid": "c0ffee"})
         else:
             self.reply(404, {"error": f"unknown endpoint {path}"})
@@ -316,6 +345,7 @@ def test_publish_uploads_model_folder_and_manifest_in_one_commit(hub: FakeHub, r
     assert ("POST", "/api/models/my-org/Qwen3-0.6B-gptq/branch/v1") in hub.calls
     (commit,) = hub.commits
     assert (commit["repo"], commit["revision"]) == ("my-org/Qwen3-0.6B-gptq", "v1")
+    assert commit["deleted"] == ["old-model.safetensors"]  # an earlier upload's file goes in the same commit
     uploaded = commit["files"]
     expected = {p.name: p.read_bytes() for p in (run_dir / "model").iterdir()}
     assert {k: v for k, v in uploaded.items() if k != PUBLISHED_MANIFEST} == expected

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipeline.artifact.verify import PUBLISHED_MANIFEST, Artifact, expected_files, require_verified, verify_artifact
+from pipeline.artifact.verify import (
+    PUBLISHED_MANIFEST,
+    Artifact,
+    expected_files,
+    open_artifact,
+    require_verified,
+    verify_artifact,
+)
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.run.files import atomic_directory
 
@@ -74,15 +81,29 @@ def place_files(files: dict[str, Path], folder: Path, link: bool) -> None:
         shutil.copy2(source, dest)
 
 
-def check_directory(directory: Path) -> None:
-    """A directory target must be new, empty, or an earlier publish (then it is replaced)."""
+def check_directory(directory: Path, replace: bool) -> None:
+    """A directory target must be new, empty, or (with `replace`) an earlier publish holding nothing else."""
     if not directory.exists():
         return
     if not directory.is_dir():
         raise PipelineError(f"--to {directory}: exists and is not a directory; choose a new directory")
-    if any(directory.iterdir()) and not (directory / PUBLISHED_MANIFEST).is_file():
+    if not any(directory.iterdir()):
+        return
+    if not (directory / PUBLISHED_MANIFEST).is_file():
         raise PipelineError(
             f"--to {directory}: exists and is not a qpipe-published folder; choose a new or empty directory"
+        )
+    if not replace:
+        raise PipelineError(f"--to {directory}: holds an earlier publish; pass --replace to replace it")
+    known = {*expected_files(open_artifact(directory).manifest), PUBLISHED_MANIFEST}
+    foreign = sorted(
+        rel for p in directory.rglob("*") if p.is_file() and (rel := str(p.relative_to(directory))) not in known
+    )
+    if foreign:
+        more = f" and {len(foreign) - 1} more files" if len(foreign) > 1 else ""
+        raise PipelineError(
+            f"--to {directory}: holds {foreign[0]}{more} that no publish wrote; move them away or choose another "
+            "directory"
         )
 
 
@@ -106,7 +127,9 @@ def to_directory(files: dict[str, Path], directory: Path) -> str:
 
 
 def to_hub(files: dict[str, Path], target: Target, message: str, private: bool, staging_parent: Path) -> str:
-    """create_repo (and the branch), then upload_folder of a hard-linked staging folder: one commit."""
+    """create_repo (and the branch), then upload_folder of a hard-linked staging folder: one commit, which also
+    deletes every remote file this publish does not write (the hub keeps `.gitattributes`), so the repository
+    holds exactly what the manifest lists."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -120,7 +143,11 @@ def to_hub(files: dict[str, Path], target: Target, message: str, private: bool, 
         with tempfile.TemporaryDirectory(prefix=".publish-", dir=staging_parent) as staging:
             place_files(files, Path(staging), link=True)
             commit = api.upload_folder(
-                repo_id=target.repo_id, folder_path=staging, revision=target.revision, commit_message=message
+                repo_id=target.repo_id,
+                folder_path=staging,
+                revision=target.revision,
+                commit_message=message,
+                delete_patterns="*",
             )
     except OfflineModeIsEnabled:
         raise PipelineError("publish: HF_HUB_OFFLINE is set; unset it to upload to the hub") from None
@@ -137,11 +164,13 @@ def describe(files: dict[str, Path]) -> list[str]:
     return [*lines, f"  {sum(sizes.values()):>14,d}  total, {len(sizes)} files"]
 
 
-def publish(path: Path, to: str, allow_failed_gate: bool, dry_run: bool, private: bool = True) -> str:
+def publish(
+    path: Path, to: str, allow_failed_gate: bool, dry_run: bool, private: bool = True, replace: bool = False
+) -> str:
     """Verify `path`, then publish it to `to`; returns where it went (or, on a dry run, what would go)."""
     target = parse_target(to)
     if target.directory is not None:
-        check_directory(target.directory)
+        check_directory(target.directory, replace)
     result = verify_artifact(path)
     require_verified(result, allow_failed_gate)
     files = publish_files(result.artifact)
