@@ -16,7 +16,7 @@ from pipeline.errors import GateFailed, GateInconclusive
 from pipeline.recipe.load import recipe_yaml
 from pipeline.recipe.schema import Recipe
 from pipeline.run.context import LOGGER_NAME, RunContext
-from pipeline.run.files import write_text_atomic
+from pipeline.run.files import exclusive_lock, write_text_atomic
 from pipeline.run.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
 from pipeline.run.model_source import ModelSource, model_fingerprint, resolve_model
 from pipeline.run.resources import ResourceMonitor
@@ -151,9 +151,7 @@ def _plan(steps: list[str], ctx: RunContext, fps: dict[str, str | None], force: 
     return [s for s in STAGE_NAMES if s in todo]
 
 
-def _open_context(recipe: Recipe, recipe_source: Path, output: Path | None) -> RunContext:
-    source = resolve_model(recipe.model)
-    final = run_directory(recipe, source, output)
+def _open_context(recipe: Recipe, recipe_source: Path, source: ModelSource, final: Path) -> RunContext:
     run_dir = final if final.exists() else final.with_name(final.name + ".partial")
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(run_dir / "manifest.json") or Manifest(
@@ -195,14 +193,8 @@ def _finalize(ctx: RunContext) -> None:
         ctx.run_dir = final
 
 
-def run_pipeline(
-    recipe: Recipe, recipe_source: Path, steps: list[str], force: bool = False, output: Path | None = None
-) -> RunContext:
-    """Run (or resume) the recipe; returns the context whose manifest records every stage.
-
-    A failed or inconclusive quality gate is recorded (manifest `gate`, artifact kept) and raised after the
-    remaining stages ran, so the exit code says so (3 failed, 4 inconclusive)."""
-    ctx = _open_context(recipe, recipe_source, output)
+def _run_stages(recipe: Recipe, ctx: RunContext, steps: list[str], force: bool) -> None:
+    """The planned stages in order, each recorded in the manifest; then the card and the final directory name."""
     handler = _attach_log_file(ctx.run_dir)
     try:
         fps = stage_fingerprints(recipe, ctx)
@@ -231,6 +223,20 @@ def run_pipeline(
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def run_pipeline(
+    recipe: Recipe, recipe_source: Path, steps: list[str], force: bool = False, output: Path | None = None
+) -> RunContext:
+    """Run (or resume) the recipe; returns the context whose manifest records every stage.
+
+    A failed or inconclusive quality gate is recorded (manifest `gate`, artifact kept) and raised after the
+    remaining stages ran, so the exit code says so (3 failed, 4 inconclusive)."""
+    source = resolve_model(recipe.model)
+    final = run_directory(recipe, source, output)
+    with exclusive_lock(final.with_name(f".{final.name}.lock"), str(final)):
+        ctx = _open_context(recipe, recipe_source, source, final)
+        _run_stages(recipe, ctx, steps, force)
     if ctx.manifest.gate == "failed":
         raise GateFailed(f"eval: quality gate failed; artifact kept at {ctx.run_dir} (manifest gate: failed)")
     if ctx.manifest.gate == "inconclusive":

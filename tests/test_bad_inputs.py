@@ -81,3 +81,21 @@ def test_hub_downloads_fetch_code_only_when_trusted() -> None:
     assert "*.py" in download_patterns(True) and "*.safetensors" in download_patterns(True)
     assert "trust_remote_code" not in model_args("m", "auto", 1)
     assert model_args("m", "auto", 1, trust_remote_code=True)["trust_remote_code"] is True
+
+
+@pytest.mark.e2e  # the runner on the demo model (~10 s)
+def test_a_second_run_of_the_same_artifact_is_refused_while_one_writes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs of one recipe and model would share <name>.partial; the second stops in one line (exit 2)."""
+    from demo_runs import run_recipe
+
+    from pipeline.run.files import exclusive_lock
+
+    assert run_recipe("fp8", tmp_path, steps="calibrate") == 0
+    (lock,) = (tmp_path / "qpipe-demo").glob(".fp8-*.lock")
+    with exclusive_lock(lock, "held by this test"):
+        assert run_recipe("fp8", tmp_path, steps="calibrate") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is being written by another qpipe run (pid " in err and "--output elsewhere" in err
+    assert run_recipe("fp8", tmp_path, steps="calibrate") == 0  # released with its holder

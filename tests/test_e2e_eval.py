@@ -66,7 +66,7 @@ def test_vllm_backend_gives_the_hf_structure(evaluated: dict[str, dict], vllm_re
     steps = "calibrate,quantize,export,eval"
     code = run_recipe("fp8", tmp_path, *EVAL, "--set", "eval.backend=vllm", steps=steps)
     assert code == 4  # 12 questions: inconclusive
-    run_dir = next((tmp_path / "qpipe-demo").iterdir())
+    run_dir = next((tmp_path / "qpipe-demo").glob("fp8-*"))
     vllm_report, hf_report = eval_report(run_dir), evaluated["fp8"]
     assert vllm_report["settings"]["backend"] == "vllm" and hf_report["settings"]["backend"] == "hf"
     for side in ("baseline", "quantized"):

@@ -92,7 +92,7 @@ def test_failed_export_leaves_no_finished_directory(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(llmcompressor_backend.Backend, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
         main(["run", "fp8", "--output", str(tmp_path), "--steps", CORE_STEPS])
-    runs = list((tmp_path / "qpipe-demo").iterdir())
+    runs = list((tmp_path / "qpipe-demo").glob("fp8-*"))
     assert len(runs) == 1 and runs[0].name.endswith(".partial")
     assert not (runs[0] / "model").exists()
     manifest = Manifest.load(runs[0] / "manifest.json")
