@@ -1,4 +1,4 @@
-"""The vLLM worker's process lifetime: it never outlives the qpipe process that started it."""
+"""vLLM child processes: the worker never outlives the qpipe process that started it; the serve command."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ def test_worker_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
         assert not _alive(worker), "the worker outlived its killed parent"
     finally:
         os.close(write_end)
+
+
+def test_serve_command_passes_trust_remote_code_only_when_the_recipe_does(tmp_path: Path) -> None:
+    from pipeline.recipe.schema import SmokeSpec
+    from pipeline.vllm.serve_check import serve_command
+
+    python = tmp_path / "bin" / "python"
+    plain = serve_command(python, tmp_path, SmokeSpec(), 8000)
+    trusted = serve_command(python, tmp_path, SmokeSpec(), 8000, trust_remote_code=True)
+    assert plain[:2] == [str(tmp_path / "bin" / "vllm"), "serve"] and "--trust-remote-code" not in plain
+    assert trusted == [*plain, "--trust-remote-code"]
+    assert not any("key" in arg for arg in plain)  # the API key travels in the environment, never in argv

@@ -148,7 +148,8 @@ def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     if spec.serve_check:
         from pipeline.vllm.serve_check import serve_check
 
-        summary["serve"] = serve_check(python, ctx.model_dir, spec, ctx.logs_dir / "smoke-serve.log")
+        log_file = ctx.logs_dir / "smoke-serve.log"
+        summary["serve"] = serve_check(python, ctx.model_dir, spec, log_file, recipe.model.trust_remote_code)
         if summary["serve"]["status"] != "passed":
             problems.append(f"vllm serve: {summary['serve']['error']}")
     report.update(summary, problems=problems, status="passed" if not problems else "failed")

@@ -30,7 +30,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_command(python: Path, model_dir: Path, spec: SmokeSpec, port: int) -> list[str]:
+def serve_command(
+    python: Path, model_dir: Path, spec: SmokeSpec, port: int, trust_remote_code: bool = False
+) -> list[str]:
     """`vllm serve` from the vLLM environment, with the smoke section's engine settings."""
     from pipeline.vllm.launch import gpu_memory_utilization
 
@@ -55,6 +57,7 @@ def serve_command(python: Path, model_dir: Path, spec: SmokeSpec, port: int) -> 
         "--seed",
         "0",
         *([] if utilization is None else ["--gpu-memory-utilization", str(utilization)]),
+        *(["--trust-remote-code"] if trust_remote_code else []),
     ]
 
 
@@ -94,7 +97,9 @@ def client_requests(python: Path, base: str, key: str, spec: SmokeSpec, log_file
     return result or {"error": f"the client wrote no result; log: {log_file}"}
 
 
-def serve_check(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) -> dict[str, Any]:
+def serve_check(
+    python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Start, query through the OpenAI client, stop; returns status (passed/failed), timings, the completion and
     the per-concurrency figures, or the error."""
     port = free_port()
@@ -106,7 +111,7 @@ def serve_check(python: Path, model_dir: Path, spec: SmokeSpec, log_file: Path) 
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     with log_file.open("w") as log:
         proc = subprocess.Popen(
-            serve_command(python, model_dir, spec, port),
+            serve_command(python, model_dir, spec, port, trust_remote_code),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
