@@ -8,7 +8,6 @@ the HBM-bandwidth bound, output throughput over a concurrency sweep, and the lin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,7 +19,8 @@ from pipeline.artifact.card import SERVING_REPORT, serving_table
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.run.context import LOGGER_NAME
 from pipeline.run.files import write_json_atomic, write_text_atomic
-from pipeline.run.model_source import text_config
+from pipeline.run.manifest import Manifest
+from pipeline.run.model_source import kv_bytes_per_token, text_config
 from pipeline.vllm.launch import WORKER, gpu_memory_utilization
 
 log = logging.getLogger(LOGGER_NAME)
@@ -83,7 +83,8 @@ def targets(paths: list[Path], base: Path | None, with_base: bool = True) -> lis
 
 def source_checkpoint(run_dir: Path) -> Path | None:
     """The local checkpoint a run directory was quantized from, when it is still on disk."""
-    path = json.loads((run_dir / "manifest.json").read_text()).get("model", {}).get("path")
+    manifest = Manifest.load(run_dir / "manifest.json")
+    path = manifest.model.get("path") if manifest else None
     return Path(path) if path and (Path(path) / "config.json").is_file() else None
 
 
@@ -146,14 +147,6 @@ def bandwidth(device: str | None) -> float | None:
     return GPU_BANDWIDTH[max(matches, key=len)] if matches else None
 
 
-def kv_bytes_per_token(model_dir: Path) -> int:
-    """Key and value bytes one token adds to the cache (16-bit cache, as vLLM's default `kv_cache_dtype`)."""
-    cfg = text_config(model_dir / "config.json")
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 2
-
-
 def decode_bound(result: dict[str, Any], model_dir: Path, settings: ServeSettings) -> dict[str, Any] | None:
     """Batch-1 decode cannot beat HBM bandwidth / bytes read per token: every weight but the input embedding
     (one row of it is read), plus the KV cache at the mean context of the measured request."""
@@ -162,7 +155,8 @@ def decode_bound(result: dict[str, Any], model_dir: Path, settings: ServeSetting
     if rate is None or "weights_bytes" not in memory:
         return None
     context = settings.prompt_tokens + settings.output_tokens / 2
-    read = memory["weights_bytes"] - memory["embedding_bytes"] + context * kv_bytes_per_token(model_dir)
+    kv_per_token = kv_bytes_per_token(text_config(model_dir / "config.json"))
+    read = memory["weights_bytes"] - memory["embedding_bytes"] + context * kv_per_token
     return {"bandwidth_bytes_per_s": rate, "bytes_per_token": int(read), "tokens_per_s": round(rate / read, 1)}
 
 

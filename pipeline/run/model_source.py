@@ -201,6 +201,15 @@ def text_config(config_path: Path) -> dict[str, Any]:
     return config.get("text_config", config)
 
 
+def kv_bytes_per_token(config: dict[str, Any]) -> int:
+    """KV-cache bytes one token takes: keys and values of every layer, in a 16-bit cache (vLLM's default
+    `kv_cache_dtype` for 16-bit checkpoints). `config`: a `text_config` result."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * 2
+
+
 def linear_in_features(config_path: Path) -> set[int] | None:
     """in_features of a decoder's Linear layers from config.json, for group-size checks."""
     try:

@@ -13,16 +13,8 @@ from typing import Any
 from pipeline.errors import StageFailed
 from pipeline.paths import import_root
 from pipeline.recipe.schema import Recipe
-from pipeline.run.model_source import text_config
+from pipeline.run.model_source import kv_bytes_per_token, text_config
 from pipeline.run.processes import run_json_child
-
-
-def kv_bytes_per_token(config: dict[str, Any]) -> int:
-    """KV-cache bytes one token takes: keys and values of every layer, in the checkpoint's 16-bit dtype."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * 2
 
 
 def engine_args(recipe: Recipe, model_dir: Path) -> dict[str, Any]:

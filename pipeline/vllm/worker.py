@@ -56,11 +56,10 @@ VLLM_OPS_MODULE = "vllm/_custom_ops.py"
 TORCH_OP_CALL = "torch/_ops.py"
 # Offline (a bad local path must not become a hub download) and no telemetry.
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-# What vLLM's engine logs at start-up (stable wording since 0.8): KV cache tokens, concurrency, weight memory.
+# What vLLM's engine logs at start-up (stable wording since 0.8): KV cache capacity in tokens and sequences.
 ENGINE_LOG_FIGURES = {
     "kv_cache_tokens": r"KV cache size: ([\d,]+) tokens",
     "max_concurrency": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
-    "weights_gib": r"Model loading took ([\d.]+) GiB",
 }
 # "(EngineCore pid=12) ERROR 11-25 15:14:58 [core.py:1510] " prefixes on vLLM child-process lines.
 LOG_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] )?")
@@ -383,7 +382,8 @@ def generate(llm: Any, request: dict[str, Any], result: dict[str, Any]) -> None:
 
 
 def engine_log_figures(text: str) -> dict[str, float]:
-    """The KV cache capacity and weight memory vLLM's engine logged at start-up (absent ones left out)."""
+    """The KV cache capacity vLLM's engine logged at start-up (absent figures left out); weight memory comes from
+    the model itself (`weight_figures`)."""
     figures: dict[str, float] = {}
     for key, pattern in ENGINE_LOG_FIGURES.items():
         if match := re.search(pattern, text):
