@@ -4,7 +4,8 @@
 #   bash bench/gpu-e2e.sh setup               main env from .whl/main, MMLU from .carry/mmlu.tar.gz, the checkpoint
 #   bash bench/gpu-e2e.sh piece               keep the .whl/vllm/site.tar.xz.part-* carried in this call
 #   bash bench/gpu-e2e.sh vllm                reassemble the vLLM site dir and link it as qpipe's vLLM env
-#   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint; reports into $OUT
+#   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint (RUN_ARGS: more options, e.g.
+#                                             "--set smoke.serve_check=true"); reports into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
 #                                             checkpoint unless SERVE_ARGS has --no-base); figures into $OUT
 # Several subcommands may follow each other in one call: `bash bench/gpu-e2e.sh setup run gptq calibrate,...,eval`.
@@ -73,9 +74,10 @@ vllm() {
 run() {
   local recipe=$1 steps=${2:-calibrate,quantize,export,eval,smoke} status=0
   mkdir -p "$OUT"
+  # shellcheck disable=SC2086
   timed qpipe run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
     --set calibrate.dataset=calibration/demo-calibration.jsonl --set eval.mmlu_dir="$ROOT/mmlu" \
-    --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 || status=$?
+    --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 ${RUN_ARGS:-} || status=$?
   local dir
   dir=$(ls -d "$ART"/*/"$recipe"-* 2>/dev/null | head -1) || true
   tar -czf "$OUT/$recipe-run.tar.gz" -C "$dir" manifest.json recipe.yaml reports logs model/README.md \

@@ -20,7 +20,10 @@ from typing import Any
 
 
 def streamed(client: Any, request: dict[str, Any]) -> tuple[float, int]:
-    """Seconds to the first streamed token and the tokens received, for one request."""
+    """Seconds to the first streamed chunk and the completion tokens the server counted, for one request.
+
+    Chunks are not tokens: a token that ends inside a UTF-8 character streams as empty text, and a chunk may
+    carry several tokens, so the count comes from the usage the server appends to the stream."""
     started = time.perf_counter()
     first, tokens = None, 0
     stream = client.completions.create(
@@ -29,12 +32,14 @@ def streamed(client: Any, request: dict[str, Any]) -> tuple[float, int]:
         max_tokens=request["max_tokens"],
         temperature=0,
         stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True, "min_tokens": request["max_tokens"]},
     )
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            first = first if first is not None else time.perf_counter() - started
-            tokens += 1
+        if chunk.choices and first is None:
+            first = time.perf_counter() - started
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
     return (first if first is not None else float("nan")), tokens
 
 
