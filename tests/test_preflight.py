@@ -167,3 +167,29 @@ def test_bad_artifacts_are_one_line_errors(tmp_path: Path) -> None:
     (shapeless / "config.json").write_text(json.dumps(config))
     with pytest.raises(pf.PipelineError, match="no num_hidden_layers"):
         pf.read_artifact(shapeless)
+
+
+def test_smoke_stage_reports_a_failed_preflight_without_starting_vllm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.recipe.load import load_recipe
+    from pipeline.run.context import RunContext
+    from pipeline.run.manifest import Manifest
+    from pipeline.run.model_source import ModelSource
+    from pipeline.stages import smoke
+
+    run_dir = tmp_path / "run"
+    model_dir(run_dir / "model", FP8_DYNAMIC, 1000)
+    recipe, _ = load_recipe("fp8")
+    manifest = Manifest(qpipe_version="t", recipe="fp8", recipe_hash="x", recipe_source="t")
+    ctx = RunContext(recipe, ModelSource("local", "m", tmp_path, None), "fp", run_dir, manifest)
+    monkeypatch.setattr(smoke, "vllm_python", lambda spec: tmp_path / "python")
+    monkeypatch.setattr(smoke, "gpu_memory_utilization", lambda: 0.87)
+    monkeypatch.setattr(smoke, "detected_gpu", lambda: GPUS["v100-32gb"])
+    monkeypatch.setattr(smoke, "run_worker", lambda *a, **k: pytest.fail("vLLM started despite the preflight"))
+    outputs = smoke.run_smoke(recipe, ctx)
+    assert outputs["_status"] == "unsupported" and "fail compute" in outputs["_note"]
+    report = json.loads((run_dir / "reports" / "smoke.json").read_text())
+    assert report["status"] == "unsupported-on-this-platform" and len(report["preflight"]) == 3
+    monkeypatch.setattr(smoke, "gpu_memory_utilization", lambda: None)  # no GPU: the rules do not apply
+    assert smoke.gpu_preflight(run_dir / "model", recipe.smoke) == []
