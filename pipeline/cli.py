@@ -63,17 +63,65 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_dir(artifact: Path) -> Path:
+    """A run directory's model/, else the directory itself (any exported model folder)."""
+    return artifact / "model" if (artifact / "manifest.json").is_file() else artifact
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.recipe.schema import SmokeSpec
     from pipeline.stages.smoke import smoke_directory
 
-    model_dir = args.artifact / "model" if (args.artifact / "manifest.json").is_file() else args.artifact
+    model_dir = _model_dir(args.artifact)
     report = smoke_directory(model_dir, SmokeSpec(timeout_s=args.timeout), args.log)
     brief = {k: v for k, v in report.items() if k != "runs"}
     print(json.dumps(brief, indent=2))
     return 0 if report["status"] == "passed" else 1
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from pipeline.vllm.environment import installed_versions, vllm_env_path
+    from pipeline.vllm.preflight import Target, exit_code, preflight, resolve_gpu
+
+    model_dir = _model_dir(args.artifact)
+    gpu = resolve_gpu(args.gpu)
+    target = Target(gpu, args.max_model_len, args.gpu_memory_utilization, args.vllm, args.tensor_parallel_size)
+    verdicts = preflight(model_dir, target, None if args.vllm else installed_versions(vllm_env_path()))
+    print(f"{model_dir} on {gpu.name} (compute capability {gpu.capability_text}):")
+    for verdict in verdicts:
+        print(f"  {verdict.line()}")
+    return exit_code(verdicts)
+
+
+def _utilization(text: str) -> float:
+    """argparse type of --gpu-memory-utilization: a share of the GPU in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share of the GPU in (0, 1], e.g. 0.9")
+    return value
+
+
+def _positive(text: str) -> int:
+    """argparse type of counts: a positive integer."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _add_preflight_parser(sub: argparse._SubParsersAction) -> None:
+    pre = sub.add_parser("preflight", help="will vLLM serve an artifact on a GPU? compute, memory, version rules")
+    pre.add_argument("artifact", type=Path, help="a run directory or any exported model directory")
+    pre.add_argument("--gpu", default="auto", help="a GPU of qpipe's table (e.g. l4, a100-80gb, h100) or auto")
+    pre.add_argument("--max-model-len", type=_positive, help="context to serve (default: the model's own)")
+    pre.add_argument("--vllm", help="vLLM version to check against (default: the installed vLLM environment)")
+    pre.add_argument("--gpu-memory-utilization", type=_utilization, default=0.9, help="vLLM's share of the GPU")
+    pre.add_argument("--tensor-parallel-size", type=_positive, default=1, help="GPUs the model is split over")
+    pre.set_defaults(func=cmd_preflight)
 
 
 def cmd_vllm_env(args: argparse.Namespace) -> int:
@@ -290,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--device", help="where the weights are drawn (default: cuda when there is a GPU)")
     synth.set_defaults(func=cmd_synth_model)
 
+    _add_preflight_parser(sub)
     _add_bench_parser(sub)
     _add_artifact_parsers(sub)
     return parser

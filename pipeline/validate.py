@@ -132,7 +132,8 @@ def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
         eval_fact(recipe),
     ]
     check_output_dir(output or Path(recipe.export.output_dir))
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and recipe.model.id and not Path(recipe.model.id).exists():
+    hf_hub = recipe.model.id and not recipe.model.modelscope and not Path(recipe.model.id).exists()
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and hf_hub:
         facts.append("HF_HUB_OFFLINE=1: the model must already be in the hub cache")
     for warning in demo_data_warnings(recipe):
         log.warning(warning)

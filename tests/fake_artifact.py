@@ -126,7 +126,13 @@ def write_model_dir(model: Path, recipe: Recipe) -> dict[str, Any]:
         str(model / "model.safetensors"),
     )
     quant = {"config_groups": {"group_0": W4A16_GROUP}, "format": "pack-quantized", "ignore": ["lm_head"]}
-    config = {"model_type": "qwen3", "quantization_config": {**quant, "quant_method": "compressed-tensors"}}
+    shape = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 1}
+    config = {
+        "model_type": "qwen3",
+        **shape,
+        "max_position_embeddings": 4096,
+        "quantization_config": {**quant, "quant_method": "compressed-tensors"},
+    }
     write_json(model / "config.json", config)
     write_json(model / "tokenizer_config.json", {"model_max_length": 1024})
     (model / RECIPE_FILE).write_text(recipe_yaml(recipe), encoding="utf-8")

@@ -155,3 +155,20 @@ def test_card_command_refuses_a_published_folder(tmp_path: Path, capsys: pytest.
 
 def test_table_cells_are_escaped() -> None:
     assert fmt_cell("a|b\nc") == "a\\|b c"
+
+
+def test_card_states_the_vllm_version_and_gpus_it_needs(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    needs = section(card_of(run_dir), "What serving it needs")
+    assert "vLLM 0.26.0+" in needs and "integer weight-only (WNA16): compute capability 7.5+" in needs
+    assert "| t4 | 16.00 GiB | 7.5 | full | 4,096 |" in needs and "v100" not in needs  # 7.0: no WNA16 kernel
+    config_path = run_dir / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+    group = {"targets": ["Linear"], "weights": fp8, "input_activations": {**fp8, "dynamic": True}}
+    config["quantization_config"]["config_groups"] = {"group_0": group}
+    config_path.write_text(json.dumps(config))
+    assert main(["card", str(run_dir)]) == 0
+    needs = section(card_of(run_dir), "What serving it needs")
+    assert "from 7.5 vLLM serves it as weight-only FP8" in needs
+    assert "| a100-80gb | 80.00 GiB | 8.0 | fallback |" in needs and "| h100 | 80.00 GiB | 9.0 | full |" in needs

@@ -57,3 +57,14 @@ def test_serve_command_passes_trust_remote_code_only_when_the_recipe_does(tmp_pa
     assert plain[:2] == [str(tmp_path / "bin" / "vllm"), "serve"] and "--trust-remote-code" not in plain
     assert trusted == [*plain, "--trust-remote-code"]
     assert not any("key" in arg for arg in plain)  # the API key travels in the environment, never in argv
+
+
+def test_serve_check_fails_unless_a_wrong_api_key_is_refused() -> None:
+    """The serve check's verdict proves the key is enforced: a server that answers a wrong key fails it."""
+    from pipeline.vllm.serve_check import client_problem
+
+    reply = {"completion": "Paris", "usage": None, "levels": []}
+    assert client_problem({**reply, "unauthenticated_status": 401}) is None
+    assert client_problem({**reply, "unauthenticated_status": 200}) == (
+        "a request with a wrong API key got HTTP 200, not 401"
+    )

@@ -17,10 +17,12 @@ from pipeline.artifact.verify import CARD_FILE, CARD_STAGE, load_saved_recipe, o
 from pipeline.errors import PipelineError
 from pipeline.eval.gate import recovery_ratio, scores
 from pipeline.formats import FORMATS, METHOD_NAMES, backend_info
+from pipeline.hardware import GPUS, KERNELS, VLLM_COMPRESSED_TENSORS
 from pipeline.recipe.schema import Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import format_bytes, sha256_file, write_text_atomic
 from pipeline.run.manifest import Manifest, StageRecord, now_iso
+from pipeline.vllm import preflight
 
 TEMPLATE = "model_card.md.j2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -101,6 +103,7 @@ def card_context(run_dir: Path, manifest: Manifest, recipe: Recipe) -> dict[str,
         "eval": eval_section(run_dir, manifest),
         "smoke": smoke_section(run_dir, manifest),
         "serving": serving_section(run_dir),
+        "needs": serving_needs(run_dir / "model"),
         "size": size_section(manifest, base),
         "versions": export.versions if export else {},
         "command": reproduce_command(manifest.command),
@@ -314,6 +317,30 @@ def serving_section(run_dir: Path) -> str | None:
     """The serving table of reports/serving.json (`qpipe bench serve` on a GPU), or None when not measured."""
     path = run_dir / SERVING_REPORT
     return serving_table(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
+def serving_needs(model_dir: Path) -> dict[str, Any]:
+    """The minimum vLLM version and the GPUs of qpipe's table that serve the artifact, by `qpipe preflight`'s
+    rules: compute capability per GPU, and the largest max_model_len at vLLM's default GPU share."""
+    artifact = preflight.read_artifact(model_dir)
+    gpus = []
+    for gpu in GPUS.values():
+        compute = preflight.compute_rule(artifact.quantization, gpu)
+        if compute.status == "fail":
+            continue
+        plan = preflight.memory_plan(artifact, gpu, preflight.DEFAULT_UTILIZATION)
+        largest = min(plan.largest_context, artifact.max_positions or plan.largest_context)
+        gpus.append({"gpu": gpu, "fallback": compute.status == "warn", "largest": largest})
+    kernels = [KERNELS[k] for k in preflight.layer_kernels(artifact.quantization) if k is not None]
+    return {
+        "min_vllm": preflight.minimum_vllm_text(artifact.quantization),
+        "oldest_vllm": min(VLLM_COMPRESSED_TENSORS, key=preflight.Version),
+        "kernels": kernels,
+        "gpus": gpus,
+        "max_positions": artifact.max_positions,
+        "utilization": preflight.DEFAULT_UTILIZATION,
+        "allowance": preflight.ALLOWANCE_BYTES,
+    }
 
 
 def size_section(manifest: Manifest, base: dict[str, Any]) -> dict[str, Any]:

@@ -29,13 +29,39 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+MODELSCOPE_PREFIX = "modelscope:"
+
+
 class ModelSpec(Strict):
     """Which model to quantize."""
 
-    id: str | None = Field(None, description="Hub id or local directory; null = the embedded demo model.")
+    id: str | None = Field(
+        None, description="Hub id (`modelscope:org/name` for ModelScope) or local directory; null = the demo model."
+    )
+    hub: Literal["huggingface", "modelscope"] | None = Field(
+        None, description="Where a hub id is downloaded from (default: Hugging Face, unless the id says modelscope:)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check_hub(self) -> ModelSpec:
+        if self.hub is not None and self.id is None:
+            raise ValueError(f"hub: {self.hub} needs a model.id (org/name); remove hub for the demo model")
+        if self.hub == "huggingface" and self.id is not None and self.id.startswith(MODELSCOPE_PREFIX):
+            raise ValueError(f"hub: huggingface contradicts id {self.id}; drop the modelscope: prefix or the hub")
+        return self
+
+    @property
+    def modelscope(self) -> bool:
+        """Downloaded through the modelscope package rather than huggingface_hub."""
+        return self.hub == "modelscope" or (self.id or "").startswith(MODELSCOPE_PREFIX)
+
+    @property
+    def repo_id(self) -> str | None:
+        """`id` without the modelscope: prefix."""
+        return self.id.removeprefix(MODELSCOPE_PREFIX) if self.id else None
 
 
 class CalibrateSpec(Strict):

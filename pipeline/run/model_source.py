@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.paths import default_cache_root
-from pipeline.recipe.schema import ModelSpec
+from pipeline.recipe.schema import MODELSCOPE_PREFIX, ModelSpec
 from pipeline.run.files import sha256_file, write_json_atomic
 
 log = logging.getLogger("qpipe")  # run_context.LOGGER_NAME; importing it here would be circular
@@ -33,7 +33,7 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"
 class ModelSource:
     """A model ready to load from `path`."""
 
-    kind: str  # "demo", "local" or "hub"
+    kind: str  # "demo", "local", "hub" (Hugging Face) or "modelscope"
     identity: str  # what a user would call it: hub id, path or the demo name
     path: Path
     revision: str | None
@@ -51,6 +51,10 @@ def _looks_local(model_id: str) -> bool:
 
 def check_model_reference(spec: ModelSpec) -> None:
     """Cheap check for `validate`: a local path must exist and hold config.json; hub ids are not fetched."""
+    if spec.modelscope:
+        if not HUB_ID.match(spec.repo_id or ""):
+            raise PipelineError(f"model.id: {spec.repo_id!r} is not a ModelScope model id; use org/name")
+        return
     if spec.id is None or not _looks_local(spec.id):
         return
     path = Path(spec.id).expanduser()
@@ -72,6 +76,10 @@ def resolve_model(spec: ModelSpec) -> ModelSource:
 
         return ModelSource("demo", DEMO_MODEL_NAME, ensure_demo_model(), None)
     check_model_reference(spec)
+    if spec.modelscope:
+        repo = spec.repo_id or ""
+        path = _download_modelscope(repo, spec.revision, spec.trust_remote_code)
+        return ModelSource("modelscope", f"{MODELSCOPE_PREFIX}{repo}", path, spec.revision)
     if _looks_local(spec.id):
         return ModelSource("local", spec.id, Path(spec.id).expanduser().resolve(), None)
     return ModelSource("hub", spec.id, _download(spec.id, spec.revision, spec.trust_remote_code), spec.revision)
@@ -98,6 +106,31 @@ def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> Pa
             f"model.id: {repo_id} is not cached and the Hugging Face hub is unreachable ({type(exc).__name__}); "
             "download it where the hub is reachable and pass the local directory"
         ) from None
+
+
+def _download_modelscope(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    """The ModelScope counterpart of `_download`: the same files; the hub first, then its cache (which
+    huggingface_hub falls back to by itself), so a cached model works offline."""
+    try:
+        from modelscope import snapshot_download
+    except ImportError:
+        raise PipelineError(
+            f"model.id: {MODELSCOPE_PREFIX}{repo_id} needs the modelscope package; pip install modelscope"
+        ) from None
+    patterns = download_patterns(trust_remote_code)
+    failure: Exception | None = None
+    for local_files_only in (False, True):
+        try:
+            path = snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, local_files_only=local_files_only
+            )
+            return Path(path)
+        except Exception as exc:  # modelscope raises requests', its own and ValueError alike for "unreachable"
+            failure = exc
+    raise PipelineError(
+        f"model.id: {MODELSCOPE_PREFIX}{repo_id} is not cached and ModelScope is unreachable "
+        f"({type(failure).__name__}); download it where ModelScope is reachable and pass the local directory"
+    )
 
 
 def _hub_blob_sha256(path: Path) -> str | None:

@@ -18,8 +18,9 @@ from pipeline.recipe.schema import Recipe, SmokeSpec
 from pipeline.run.context import RunContext
 from pipeline.run.files import write_json_atomic
 from pipeline.run.manifest import fingerprint
-from pipeline.vllm.environment import vllm_python
-from pipeline.vllm.launch import run_worker
+from pipeline.vllm.environment import installed_versions, vllm_env_path, vllm_python
+from pipeline.vllm.launch import gpu_memory_utilization, run_worker
+from pipeline.vllm.preflight import Target, Verdict, detected_gpu, preflight
 
 
 def baseline_result(python: Path, ctx: RunContext, spec: SmokeSpec) -> dict[str, Any]:
@@ -119,16 +120,45 @@ def unsupported(recipe: Recipe, ctx: RunContext, report: dict[str, Any], expecte
     return {"_status": "unsupported", "_note": quant["error"], **outputs}
 
 
+def gpu_preflight(model_dir: Path, spec: SmokeSpec) -> list[Verdict]:
+    """`qpipe preflight`'s rules for the smoke settings on this machine's GPU ([] without one: the rules are
+    about GPUs), with the share of it the vLLM child will be given and the installed vLLM's versions."""
+    utilization = gpu_memory_utilization()
+    gpu = detected_gpu()
+    if utilization is None or gpu is None:
+        return []
+    target = Target(gpu, spec.max_model_len, utilization, None, spec.tensor_parallel_size, spec.kv_cache_bytes)
+    return preflight(model_dir, target, installed_versions(vllm_env_path()))
+
+
+def preflight_failed(ctx: RunContext, verdicts: list[Verdict]) -> dict[str, Any]:
+    """A preflight rule says vLLM cannot serve the artifact on this GPU: a platform limit, reported without
+    starting vLLM."""
+    failed = [v.line() for v in verdicts if v.status == "fail"]
+    report = {"status": "unsupported-on-this-platform", "preflight": [v.line() for v in verdicts], "problems": []}
+    write_json_atomic(ctx.reports_dir / "smoke.json", report)
+    ctx.log.warning("smoke: preflight: %s", "; ".join(failed))
+    return {"_status": "unsupported", "_note": "; ".join(failed), "path": "reports/smoke.json"}
+
+
 def run_smoke(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
-    """Load quantized (and baseline) in vLLM, check method and outputs, write reports/smoke.json."""
+    """Preflight on a GPU, then load quantized (and baseline) in vLLM, check method and outputs, write
+    reports/smoke.json."""
     spec = recipe.smoke
     if not spec.enabled:
         return {"_status": "disabled", "_note": "smoke.enabled is false"}
     python = vllm_python(spec)
+    checks = gpu_preflight(ctx.model_dir, spec)
+    if any(v.status == "fail" for v in checks):
+        return preflight_failed(ctx, checks)
+    for verdict in checks:
+        ctx.log.info("smoke: preflight: %s", verdict.line())
     quant = run_worker(
         python, ctx.model_dir, spec, ctx.logs_dir / "smoke-quantized.log", recipe.model.trust_remote_code
     )
     report: dict[str, Any] = {"status": quant["status"], "runs": {"quantized": quant}}
+    if checks:
+        report["preflight"] = [v.line() for v in checks]
     expected = expected_for(recipe)
     if quant["status"] == "unsupported-on-this-platform":
         return unsupported(recipe, ctx, report, expected)

@@ -237,6 +237,16 @@ def _read_marker(path: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
+def installed_versions(path: Path) -> dict[str, str] | None:
+    """vLLM's and compressed-tensors' versions in the finished env at `path` (from its marker: no subprocess), or
+    None when there is no finished env there."""
+    marker = _read_marker(path)
+    vllm, compressed = marker.get("vllm"), marker.get("compressed_tensors")
+    if isinstance(vllm, str) and isinstance(compressed, str):
+        return {"vllm": vllm, "compressed_tensors": compressed}
+    return None
+
+
 def _marker_spec(path: Path) -> str | None:
     """Package spec recorded by a completed install, or None."""
     spec = _read_marker(path).get("spec")
