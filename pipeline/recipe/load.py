@@ -59,6 +59,22 @@ def list_recipe_files() -> list[Path]:
     return sorted(p for p in RECIPES_DIR.glob("*.yaml") if not p.name.startswith("_"))
 
 
+def expand_recipe_refs(refs: Sequence[str]) -> list[str]:
+    """Recipe names and files as given; a folder stands for its runnable recipes (bases, `_*.yaml`, are checked
+    through the recipes that extend them)."""
+    expanded: list[str] = []
+    for ref in refs:
+        folder = Path(ref).expanduser()
+        if not folder.is_dir():
+            expanded.append(ref)
+            continue
+        found = sorted(p for p in folder.iterdir() if p.suffix in YAML_SUFFIXES and not p.name.startswith("_"))
+        if not found:
+            raise PipelineError(f"{ref}: no recipes (*.yaml, *.yml) in this folder; pass recipe files or names")
+        expanded += [str(p) for p in found]
+    return expanded
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
@@ -100,19 +116,20 @@ def _extends_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, 
     """The recipe file and the files it extends, each with its own mapping, the furthest parent first."""
     path = path.resolve()
     if path in seen:
-        raise PipelineError(f"{path}: extends: cycle through {' -> '.join(p.name for p in seen)}; remove it")
+        cycle = " -> ".join(p.name for p in seen)
+        raise PipelineError(f"{display_path(path)}: extends: cycle through {cycle}; remove it")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
         return [(path, data)]
     if not isinstance(parent, str):
-        raise PipelineError(f"{path}: extends: must be a recipe name or file name; got {parent!r}")
+        raise PipelineError(f"{display_path(path)}: extends: must be a recipe name or file name; got {parent!r}")
     candidates = _parent_candidates(path, parent)
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         looked = ", ".join(str(c) for c in candidates)
         raise PipelineError(
-            f"{path}: extends: {parent} not found (looked for {looked}); "
+            f"{display_path(path)}: extends: {parent} not found (looked for {looked}); "
             f"name a bundled recipe ({', '.join(p.stem for p in list_recipe_files())}) or a path relative to the recipe"
         )
     return [*_extends_chain(found, (*seen, path)), (path, data)]
@@ -200,7 +217,7 @@ class MergedRecipe:
     origins: Origins
 
     def build(self) -> Recipe:
-        return build_recipe(self.data, _display(self.path))
+        return build_recipe(self.data, display_path(self.path))
 
 
 def merge_recipe(ref: str, overrides: Sequence[str] = (), model: str | None = None) -> MergedRecipe:
@@ -210,10 +227,10 @@ def merge_recipe(ref: str, overrides: Sequence[str] = (), model: str | None = No
     origins: Origins = {}
     for file, layer in _extends_chain(path):
         data = deep_merge(data, layer)
-        _mark(origins, (), layer, _display(file))
+        _mark(origins, (), layer, display_path(file))
     if "name" not in data:
         data["name"] = path.stem
-        origins[("name",)] = f"{_display(path)} (file name)"
+        origins[("name",)] = f"{display_path(path)} (file name)"
     for assignment in overrides:
         _mark(origins, *apply_override(data, assignment), f"--set {assignment}")
     if model:
@@ -229,7 +246,7 @@ def load_recipe(ref: str, overrides: Sequence[str] = (), model: str | None = Non
     return merged.build(), merged.path
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
     """Path relative to the working directory when it is below it."""
     try:
         return str(path.resolve().relative_to(Path.cwd()))
