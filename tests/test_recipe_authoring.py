@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import jsonschema
 import pytest
+from demo_runs import artifact_dir, run_recipe
 
+from pipeline.artifact.card import fmt_percent, fmt_size
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.formats import BACKENDS, SCHEMES
-from pipeline.recipe.load import RECIPES_DIR, load_recipe
-from pipeline.recipe.schema import Recipe
+from pipeline.recipe.load import RECIPES_DIR, load_recipe, parse_yaml
+from pipeline.recipe.schema import Recipe, recipe_json_schema
 
 
 def documented_words() -> list[tuple[str, str, str]]:
@@ -144,3 +149,157 @@ def test_recipes_show_prints_the_origin_of_every_value(
     assert origins[("model", "id")] == "--model"
     assert origins[("calibrate", "dataset")] == "default for a model other than the demo model"
     assert origins[("smoke", "max_tokens")] == "default"
+
+
+SCHEMA_FILE = RECIPES_DIR / "recipe.schema.json"
+MODELINE = "# yaml-language-server: $schema=recipe.schema.json"
+
+
+def test_committed_schema_is_fresh(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipes", "schema"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == recipe_json_schema()
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == printed, (
+        "recipes/recipe.schema.json is stale: run `qpipe recipes schema > recipes/recipe.schema.json`"
+    )
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_schema_accepts_every_bundled_recipe(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert text.splitlines()[0] == MODELINE  # editors with the YAML extension complete and check fields
+    jsonschema.Draft202012Validator(recipe_json_schema()).validate(parse_yaml(text))
+
+
+HELD_IN_BAD = {
+    "unknown-key": "quantize:\n  colour: red\n",
+    "misspelt-section": "quantise:\n  method: gptq\n",
+    "unknown-method": "quantize:\n  method: awk\n",
+    "unknown-scheme": "quantize:\n  scheme: W3A99\n",
+    "boolean-tuning": "quantize:\n  tuning: false\n",
+    "zero-samples": "calibrate:\n  num_samples: 0\n",
+    "batch-size-word": "eval:\n  batch_size: many\n",
+    "extends-list": "extends: [awq]\n",
+}
+
+
+@pytest.mark.parametrize("text", HELD_IN_BAD.values(), ids=HELD_IN_BAD.keys())
+def test_schema_and_loader_reject_the_held_in_bad_recipes(text: str, tmp_path: Path) -> None:
+    assert list(jsonschema.Draft202012Validator(recipe_json_schema()).iter_errors(parse_yaml(text)))
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(PipelineError):
+        load_recipe(str(tmp_path / "bad.yaml"))
+
+
+def test_schema_accepts_a_team_recipe_written_as_documented() -> None:
+    team = parse_yaml("extends: awq\nquantize:\n  tuning: off\n  group_size: 64\neval:\n  batch_size: auto\n")
+    jsonschema.Draft202012Validator(recipe_json_schema()).validate(team)
+
+
+def test_validate_reports_every_bad_recipe_of_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "good.yaml").write_text("extends: awq\nquantize:\n  tuning: off\n")
+    (folder / "bad-scheme.yaml").write_text("extends: gptq\nquantize:\n  scheme: W3A99\n")
+    (folder / "bad-parent.yml").write_text("extends: no-such-recipe\n")
+    (folder / "_partial.yaml").write_text("quantize:\n  method: awq\n  scheme: FP8\n")  # a base: checked via users
+    assert main(["validate", str(folder), "rtn", "--output", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if ": OK (" in line] == [
+        f"{folder / 'good.yaml'}: OK (awq W4A16_ASYM)",
+        f"{RECIPES_DIR / 'rtn.yaml'}: OK (rtn W4A16)",
+    ]
+    errors = err.strip().splitlines()
+    assert len(errors) == 3 and "Traceback" not in err
+    assert "bad-parent.yml: extends: no-such-recipe not found" in errors[0]
+    assert "bad-scheme.yaml: quantize.scheme: unknown scheme 'W3A99'" in errors[1]
+    assert errors[2] == "error: 2 of 4 recipes are invalid"
+    assert main(["validate", str(folder / "good.yaml"), "awq", "--output", str(tmp_path / "out")]) == 0
+
+
+def test_validate_names_the_file_of_a_recipe_that_cannot_run_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe_file = tmp_path / "local.yaml"
+    recipe_file.write_text(f"extends: gptq\nmodel:\n  id: {tmp_path / 'no-such-model'}\n")
+    assert main(["validate", str(recipe_file)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {recipe_file}: model.id: ") and "does not exist" in line
+
+
+def test_validate_of_a_folder_without_recipes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "no recipes (*.yaml, *.yml) in this folder" in capsys.readouterr().err
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """A `diff` table as {first column: the other columns} (columns are separated by two or more spaces)."""
+    return {cells[0]: cells[1:] for line in text.splitlines() if (cells := re.split(r"\s{2,}", line.strip()))}
+
+
+def test_diff_of_two_recipes_lists_the_settings_that_differ(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "awq", "gptq"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert set(rows) == {"setting", "name", "description", "quantize.method", "quantize.scheme"}
+    assert rows["quantize.scheme"] == ["W4A16_ASYM", "W4A16"]
+    assert main(["diff", "gptq", "gptq"]) == 0
+    assert capsys.readouterr().out == "gptq and gptq have the same effective settings\n"
+
+
+def test_diff_of_two_artifacts_puts_settings_and_figures_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fake_artifact import fake_recipe, make_run_dir
+
+    grouped = fake_recipe()
+    grouped.quantize.group_size = 64
+    a = make_run_dir(tmp_path / "a")
+    b = make_run_dir(tmp_path / "b", outcome="failed", smoke=False, recipe=grouped)
+    serving = {"label": a.name, "disabled_kernels": [], "status": "ok", "ttft_s": 0.021, "decode_tokens_per_s": 150.0}
+    serving |= {"weights_gib": 6.0, "sweep": [{"requests": 8, "output_tokens_per_s": 819.2}]}
+    (a / "reports" / "serving.json").write_text(json.dumps({"runs": [serving]}))
+    assert main(["diff", str(a), str(b)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["quantize.group_size"] == ["null", "64"]
+    assert rows["gate"] == ["passed", "failed"]
+    checks = [json.loads((run / "reports" / "eval.json").read_text())["checks"][0] for run in (a, b)]
+    assert rows[f"recovery {checks[0]['task']} {checks[0]['metric']}"] == [fmt_percent(c["recovery"]) for c in checks]
+    assert rows["KL vs base (nats/token)"] == ["0.0123", "0.0123"]
+    sizes = [
+        json.loads((run / "manifest.json").read_text())["stages"]["export"]["outputs"]["size_bytes"] for run in (a, b)
+    ]
+    assert rows["size on disk"] == [fmt_size(size) for size in sizes]
+    assert rows["smoke tokens/s"] == ["1,843", "–"]
+    assert rows["serving decode tok/s (batch 1)"] == ["150", "–"]
+    assert rows["serving out tok/s @8"] == ["819.2", "–"]
+
+
+def test_diff_refuses_a_recipe_against_an_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fake_artifact import make_run_dir
+
+    assert main(["diff", "gptq", str(make_run_dir(tmp_path))]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "compare two recipes or two artifacts" in line
+
+
+@pytest.mark.e2e
+def test_a_team_recipe_extends_awq_by_name_runs_and_diffs_against_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Done-when of issue 20 on the demo model: a recipe in a temporary folder extends `awq` by name and runs;
+    `diff` compares its artifact with another's."""
+    folder = tmp_path / "my-recipes"
+    folder.mkdir()
+    (folder / "team-awq.yaml").write_text("extends: awq\nquantize:\n  tuning: off\n")
+    (folder / "team-rtn.yaml").write_text("extends: rtn\n")
+    output = tmp_path / "artifacts"
+    for name in ("team-awq", "team-rtn"):
+        assert run_recipe(str(folder / f"{name}.yaml"), output) == 0, name
+    awq, rtn = artifact_dir(output, "team-awq"), artifact_dir(output, "team-rtn")
+    capsys.readouterr()
+    assert main(["diff", str(awq), str(rtn)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["quantize.method"] == ["awq", "rtn"] and rows["quantize.scheme"] == ["W4A16_ASYM", "W4A16"]
+    assert rows["quantize.tuning"] == ["'off'", "auto"]
+    assert rows["gate"] == ["not-run", "not-run"]  # eval was not among the steps
+    assert "n/a" not in rows["size on disk"]
