@@ -55,7 +55,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             print(_validate_one(ref, args))
         except PipelineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print_error(exc, args.debug)
             bad += 1
     if bad and len(refs) > 1:
         print(f"error: {bad} of {len(refs)} recipes are invalid", file=sys.stderr)
@@ -355,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_error(exc: PipelineError, debug: bool) -> None:
+    """The one-line error; with --debug the traceback first, but the caller keeps the exit code, so scripts still
+    tell bad input from a failed gate."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    print(f"error: {exc}", file=sys.stderr)
+
+
 def _configure_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
@@ -377,11 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except PipelineError as exc:
-        if args.debug:  # the traceback, but the same exit code: scripts still tell bad input from a failed gate
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc, args.debug)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
