@@ -1,5 +1,6 @@
 """Recipe authoring: documented values written as documented, `extends:` of bundled recipes from any folder,
-`recipes show` with the origin of every value, the JSON Schema, `validate` over folders and `diff`."""
+`recipes show` with the origin of every value, `validate` over folders and `diff` (the JSON Schema:
+test_recipe_schema.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import re
 from pathlib import Path
 
-import jsonschema
 import pytest
 from demo_runs import artifact_dir, run_recipe
 
@@ -15,8 +15,8 @@ from pipeline.artifact.card import fmt_percent, fmt_size
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.formats import BACKENDS, SCHEMES
-from pipeline.recipe.load import RECIPES_DIR, load_recipe, parse_yaml
-from pipeline.recipe.schema import Recipe, recipe_json_schema
+from pipeline.recipe.load import RECIPES_DIR, load_recipe
+from pipeline.recipe.schema import Recipe
 
 
 def documented_words() -> list[tuple[str, str, str]]:
@@ -149,51 +149,6 @@ def test_recipes_show_prints_the_origin_of_every_value(
     assert origins[("model", "id")] == "--model"
     assert origins[("calibrate", "dataset")] == "default for a model other than the demo model"
     assert origins[("smoke", "max_tokens")] == "default"
-
-
-SCHEMA_FILE = RECIPES_DIR / "recipe.schema.json"
-MODELINE = "# yaml-language-server: $schema=recipe.schema.json"
-
-
-def test_committed_schema_is_fresh(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["recipes", "schema"]) == 0
-    printed = capsys.readouterr().out
-    assert json.loads(printed) == recipe_json_schema()
-    assert SCHEMA_FILE.read_text(encoding="utf-8") == printed, (
-        "recipes/recipe.schema.json is stale: run `qpipe recipes schema > recipes/recipe.schema.json`"
-    )
-
-
-@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_schema_accepts_every_bundled_recipe(path: Path) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert text.splitlines()[0] == MODELINE  # editors with the YAML extension complete and check fields
-    jsonschema.Draft202012Validator(recipe_json_schema()).validate(parse_yaml(text))
-
-
-HELD_IN_BAD = {
-    "unknown-key": "quantize:\n  colour: red\n",
-    "misspelt-section": "quantise:\n  method: gptq\n",
-    "unknown-method": "quantize:\n  method: awk\n",
-    "unknown-scheme": "quantize:\n  scheme: W3A99\n",
-    "boolean-tuning": "quantize:\n  tuning: false\n",
-    "zero-samples": "calibrate:\n  num_samples: 0\n",
-    "batch-size-word": "eval:\n  batch_size: many\n",
-    "extends-list": "extends: [awq]\n",
-}
-
-
-@pytest.mark.parametrize("text", HELD_IN_BAD.values(), ids=HELD_IN_BAD.keys())
-def test_schema_and_loader_reject_the_held_in_bad_recipes(text: str, tmp_path: Path) -> None:
-    assert list(jsonschema.Draft202012Validator(recipe_json_schema()).iter_errors(parse_yaml(text)))
-    (tmp_path / "bad.yaml").write_text(text)
-    with pytest.raises(PipelineError):
-        load_recipe(str(tmp_path / "bad.yaml"))
-
-
-def test_schema_accepts_a_team_recipe_written_as_documented() -> None:
-    team = parse_yaml("extends: awq\nquantize:\n  tuning: off\n  group_size: 64\neval:\n  batch_size: auto\n")
-    jsonschema.Draft202012Validator(recipe_json_schema()).validate(team)
 
 
 def test_validate_reports_every_bad_recipe_of_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
