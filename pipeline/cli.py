@@ -14,8 +14,11 @@ from pipeline.run.context import LOGGER_NAME
 log = logging.getLogger(LOGGER_NAME)
 
 
-def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe name from recipes/ or a path to a YAML file")
+def _add_recipe_args(parser: argparse.ArgumentParser, output: bool = True, several: bool = False) -> None:
+    if several:
+        parser.add_argument("recipes", nargs="+", help="recipe names, YAML files or folders of them")
+    else:
+        parser.add_argument("recipe", help="recipe name from recipes/ or a path to a YAML file")
     parser.add_argument("--model", help="hub id or local model directory (overrides model.id)")
     parser.add_argument(
         "--set",
@@ -25,7 +28,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY.PATH=VALUE",
         help="override a recipe field (repeatable), e.g. quantize.group_size=64",
     )
-    parser.add_argument("--output", type=Path, help="artifacts root (overrides export.output_dir)")
+    if output:
+        parser.add_argument("--output", type=Path, help="artifacts root (overrides export.output_dir)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -43,15 +47,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.recipe.load import load_recipe
+    from pipeline.recipe.load import expand_recipe_refs
+
+    refs = expand_recipe_refs(args.recipes)
+    bad = 0
+    for ref in refs:
+        try:
+            print(_validate_one(ref, args))
+        except PipelineError as exc:
+            print_error(exc, args.debug)
+            bad += 1
+    if bad and len(refs) > 1:
+        print(f"error: {bad} of {len(refs)} recipes are invalid", file=sys.stderr)
+    return PipelineError.exit_code if bad else 0
+
+
+def _validate_one(ref: str, args: argparse.Namespace) -> str:
+    """The OK line and facts of one recipe; a PipelineError names the recipe's file."""
+    from pipeline.recipe.load import display_path, load_recipe
     from pipeline.validate import validate_recipe
 
-    recipe, path = load_recipe(args.recipe, args.overrides, args.model)
-    facts = validate_recipe(recipe, args.output)
-    print(f"{path}: OK ({recipe.quantize.method} {recipe.quantize.scheme})")
-    for fact in facts:
-        print(f"  {fact}")
-    return 0
+    recipe, path = load_recipe(ref, args.overrides, args.model)
+    try:
+        facts = validate_recipe(recipe, args.output)
+    except PipelineError as exc:
+        raise PipelineError(f"{display_path(path)}: {exc}") from None
+    return "\n".join([f"{path}: OK ({recipe.quantize.method} {recipe.quantize.scheme})", *(f"  {f}" for f in facts)])
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -66,6 +87,30 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def _model_dir(artifact: Path) -> Path:
     """A run directory's model/, else the directory itself (any exported model folder)."""
     return artifact / "model" if (artifact / "manifest.json").is_file() else artifact
+
+
+def cmd_recipes_show(args: argparse.Namespace) -> int:
+    from pipeline.recipe.effective import show_with_origins
+    from pipeline.recipe.load import merge_recipe
+
+    print(show_with_origins(merge_recipe(args.recipe, args.overrides, args.model)), end="")
+    return 0
+
+
+def cmd_recipes_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.recipe.schema import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from pipeline.artifact.diff import diff
+
+    print(diff(args.a, args.b), end="")
+    return 0
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -204,6 +249,17 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in report["runs"]) else 1
 
 
+def _add_recipes_parser(sub: argparse._SubParsersAction) -> None:
+    recipes = sub.add_parser("recipes", help="list bundled recipes; show one with the origin of each value; schema")
+    recipes.set_defaults(func=cmd_recipes)
+    actions = recipes.add_subparsers(dest="recipes_action", metavar="{show,schema}")
+    show = actions.add_parser("show", help="the effective recipe as YAML, each value with where it came from")
+    _add_recipe_args(show, output=False)
+    show.set_defaults(func=cmd_recipes_show)
+    schema = actions.add_parser("schema", help="JSON Schema of a recipe file (recipes/recipe.schema.json)")
+    schema.set_defaults(func=cmd_recipes_schema)
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time the quantize stage vs raw llm-compressor on a synthetic Qwen3-8B")
     bench.add_argument("--methods", default="gptq,awq,fp8", help="comma list of gptq, awq, fp8")
@@ -306,11 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="redo stages even if their fingerprint matches")
     run.set_defaults(func=cmd_run)
 
-    validate = sub.add_parser("validate", help="check a recipe without loading a model")
-    _add_recipe_args(validate)
+    validate = sub.add_parser("validate", help="check recipes (names, files, folders) without loading a model")
+    _add_recipe_args(validate, several=True)
     validate.set_defaults(func=cmd_validate)
 
-    sub.add_parser("recipes", help="list bundled recipes").set_defaults(func=cmd_recipes)
+    _add_recipes_parser(sub)
+    diff = sub.add_parser("diff", help="compare two recipes (effective settings) or two artifacts (and figures)")
+    diff.add_argument("a", help="recipe name or YAML file, or an artifact folder")
+    diff.add_argument("b", help="the same kind as A")
+    diff.set_defaults(func=cmd_diff)
 
     smoke = sub.add_parser("smoke", help="load an exported model directory in vLLM and generate")
     smoke.add_argument("artifact", type=Path, help="a run directory or any exported model directory")
@@ -344,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_error(exc: PipelineError, debug: bool) -> None:
+    """The one-line error; with --debug the traceback first, but the caller keeps the exit code, so scripts still
+    tell bad input from a failed gate."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    print(f"error: {exc}", file=sys.stderr)
+
+
 def _configure_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
@@ -366,11 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except PipelineError as exc:
-        if args.debug:  # the traceback, but the same exit code: scripts still tell bad input from a failed gate
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc, args.debug)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)

@@ -145,9 +145,10 @@ def write_model_dir(model: Path, recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def make_run_dir(root: Path, outcome: str = "passed", smoke: bool = True) -> Path:
-    """A complete run directory under `root`, card included; `smoke=False` leaves the smoke stage unrun."""
-    recipe = fake_recipe()
+def make_run_dir(root: Path, outcome: str = "passed", smoke: bool = True, recipe: Recipe | None = None) -> Path:
+    """A complete run directory under `root`, card included; `smoke=False` leaves the smoke stage unrun; `recipe`
+    replaces fake_recipe()'s settings (the reports stay those of `outcome`)."""
+    recipe = recipe or fake_recipe()
     base = root / "hub-cache" / "Qwen3-0.6B"
     write_base_model(base)
     run_dir = root / "artifacts" / "Qwen--Qwen3-0.6B" / f"gptq-{recipe.artifact_hash()}"

@@ -88,3 +88,10 @@ def test_reports_are_uploaded_even_on_failure(steps: list[dict[str, Any]]) -> No
     (upload,) = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")]
     assert upload["if"].startswith("always()")
     assert "/reports/" in upload["with"]["path"]
+
+
+def test_recipes_are_linted_before_anything_runs(steps: list[dict[str, Any]]) -> None:
+    (lint,) = [s for s in steps if "make validate" in s.get("run", "")]
+    (quantize,) = [s for s in steps if s.get("id") == "quantize"]
+    assert "RECIPE=recipes/" in lint["run"]
+    assert steps.index(lint) < steps.index(quantize)

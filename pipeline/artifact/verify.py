@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.errors import GateFailed, GateInconclusive, PipelineError
 from pipeline.formats import backend_info, expected_native_quantization, expected_quantization
-from pipeline.recipe.load import build_recipe
+from pipeline.recipe.load import build_recipe, parse_yaml
 from pipeline.recipe.schema import Recipe
 from pipeline.run.context import RECIPE_FILE
 from pipeline.run.manifest import Manifest, hash_tree
@@ -142,7 +140,7 @@ def load_saved_recipe(path: Path) -> Recipe:
     """A recipe saved beside an artifact (already merged and overridden)."""
     if not path.is_file():
         raise PipelineError(f"{path}: missing; the artifact does not carry its effective recipe, re-run it")
-    return build_recipe(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+    return build_recipe(parse_yaml(path.read_text(encoding="utf-8")) or {}, str(path))
 
 
 def _args_problems(where: str, actual: dict[str, Any] | None, expected: dict[str, Any] | None) -> list[str]:

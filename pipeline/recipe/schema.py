@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from pipeline.formats import DISTRIBUTED_BACKENDS, SCHEMES, needs_calibration
+from pipeline.formats import BACKENDS, DISTRIBUTED_BACKENDS, SCHEMES, needs_calibration
 
 DEMO_CALIBRATION = "calibration/demo-calibration.jsonl"
 DEMO_MMLU = "tests/fixtures/mmlu"
@@ -95,9 +95,11 @@ class CalibrateSpec(Strict):
 class QuantizeSpec(Strict):
     """Method, scheme and single-argument overrides of the scheme preset."""
 
-    backend: str = "llmcompressor"
+    # checked by _check_combination (scheme) and `validate` (backend), whose messages list the choices; the enums
+    # only give editors completion
+    backend: str = Field("llmcompressor", json_schema_extra={"enum": list(BACKENDS)})
     method: Literal["rtn", "gptq", "awq"] = "gptq"
-    scheme: str = "W4A16"
+    scheme: str = Field("W4A16", json_schema_extra={"enum": list(SCHEMES)})
     group_size: PositiveInt | None = None
     symmetric: bool | None = None
     actorder: Literal["static", "group", "weight"] | None = None
@@ -247,3 +249,18 @@ class Recipe(Strict):
         """Short hash of everything that determines the exported weights (not eval/smoke settings)."""
         keyed = self.model_dump(include={"model", "calibrate", "quantize", "export"})
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of one recipe file, for editors (yaml-language-server) and CI: the Recipe's, plus `extends:`,
+    with `name` optional (it defaults to the file name). Rules across fields stay with `qpipe validate`."""
+    schema = Recipe.model_json_schema()
+    schema["required"] = [key for key in schema.get("required", []) if key != "name"]
+    if not schema["required"]:
+        del schema["required"]
+    schema["properties"]["extends"] = {
+        "type": "string",
+        "title": "Extends",
+        "description": "Parent recipe: a bundled recipe name (awq) or a file path relative to this one.",
+    }
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
