@@ -27,6 +27,8 @@ class SchemeInfo:
     symmetric: bool
     activations: str | None  # None (weight-only), "dynamic" or "static"
     default_min_recovery: float
+    default_max_kl: float  # token gate: mean KL(base || quant) nats/token (docs/BENCHMARKS.md, "Token-level gate")
+    default_min_top1: float  # token gate: next-token top-1 agreement
     vllm_scheme: str  # part of the vLLM compressed-tensors scheme class name that serves it
 
     @property
@@ -37,12 +39,12 @@ class SchemeInfo:
 SCHEMES: dict[str, SchemeInfo] = {
     s.name: s
     for s in (
-        SchemeInfo("W4A16", "int", 4, True, True, None, 0.96, "WNA16"),
-        SchemeInfo("W4A16_ASYM", "int", 4, True, False, None, 0.96, "WNA16"),
-        SchemeInfo("W8A16", "int", 8, True, True, None, 0.98, "WNA16"),
-        SchemeInfo("W8A8", "int", 8, False, True, "dynamic", 0.98, "W8A8Int8"),
-        SchemeInfo("FP8_DYNAMIC", "float", 8, False, True, "dynamic", 0.99, "W8A8Fp8"),
-        SchemeInfo("FP8", "float", 8, False, True, "static", 0.99, "W8A8Fp8"),
+        SchemeInfo("W4A16", "int", 4, True, True, None, 0.96, 0.1, 0.85, "WNA16"),
+        SchemeInfo("W4A16_ASYM", "int", 4, True, False, None, 0.96, 0.1, 0.85, "WNA16"),
+        SchemeInfo("W8A16", "int", 8, True, True, None, 0.98, 0.02, 0.95, "WNA16"),
+        SchemeInfo("W8A8", "int", 8, False, True, "dynamic", 0.98, 0.05, 0.9, "W8A8Int8"),
+        SchemeInfo("FP8_DYNAMIC", "float", 8, False, True, "dynamic", 0.99, 0.05, 0.9, "W8A8Fp8"),
+        SchemeInfo("FP8", "float", 8, False, True, "static", 0.99, 0.05, 0.9, "W8A8Fp8"),
     )
 }
 

@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from pipeline.artifact.card import write_card
-from pipeline.eval.gate import check_recovery, gate, paired_checks
+from pipeline.eval.gate import check_recovery, gate, paired_checks, token_check
 from pipeline.recipe.load import build_recipe, recipe_yaml
 from pipeline.recipe.schema import Recipe
 from pipeline.run.context import RECIPE_FILE
@@ -87,8 +87,11 @@ def eval_report(outcome: str) -> dict[str, Any]:
     )
     paired = paired_checks(baseline, quantized, ["mmlu"], 0.96, min_questions=100)
     fidelity = {"kl_mean": 0.0123, "top1_agreement": 0.931, "tokens": 8000, "texts": 32, "dataset": "heldout.jsonl"}
+    kl = [250 * 0.0123 * (1.2 if i % 2 else 0.8) for i in range(32)]  # 32 texts of 250 tokens around the mean
+    token = token_check(kl, [round(250 * 0.931)] * 32, [250] * 32, max_kl=0.1, min_top1=0.85)
     report = {
-        "gate": gate(paired, checks),
+        "gate": gate(paired, checks, token),
+        "token": token.model_dump(),
         "min_recovery": 0.96,
         "min_scores": {},
         "paired": paired,

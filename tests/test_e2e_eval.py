@@ -46,6 +46,10 @@ def test_eval_report_structure(evaluated: dict[str, dict], demo_artifacts: dict[
     manifest = Manifest.load(demo_artifacts["w8a8"] / "manifest.json")
     assert manifest.gate == report["gate"]
     assert manifest.stages["eval"].outputs["kl_mean"] == report["fidelity"]["kl_mean"]
+    token = report["token"]  # the token-level gate over the fidelity set's texts
+    assert token["texts"] == report["fidelity"]["texts"] and token["tokens"] == report["fidelity"]["tokens"]
+    assert token["kl_low"] <= token["kl_mean"] <= token["kl_high"] and token["top1_low"] <= token["top1_high"]
+    assert manifest.stages["eval"].outputs["token_gate"] == token["verdict"]
 
 
 def test_baseline_is_cached_across_recipes(evaluated: dict[str, dict]) -> None:

@@ -55,6 +55,9 @@ def test_model_against_itself_is_identical(tiny_model_dir: Path) -> None:
     assert result["top1_agreement"] == 1.0
     assert result["texts"] == len(TEXTS) and result["tokens"] > len(TEXTS)
     assert result["wall_s"] > 0
+    per_text = result["per_text"]
+    assert per_text["top1"] == per_text["tokens"] and sum(per_text["tokens"]) == result["tokens"]
+    assert len(per_text["kl"]) == len(TEXTS) and max(abs(k) for k in per_text["kl"]) < 1e-4
 
 
 def test_perturbed_copy_diverges(tiny_model_dir: Path, perturbed_model: Path) -> None:
@@ -69,6 +72,9 @@ def test_padding_and_truncation_do_not_change_the_result(tiny_model_dir: Path, p
     assert one["tokens"] == four["tokens"] <= 16 * len(TEXTS)
     assert four["kl_mean"] == pytest.approx(one["kl_mean"], rel=1e-3)
     assert four["top1_agreement"] == one["top1_agreement"]
+    # per text too: each padded row's positions are summed into its own text
+    assert four["per_text"]["tokens"] == one["per_text"]["tokens"] and len(set(one["per_text"]["tokens"])) > 1
+    assert four["per_text"]["kl"] == pytest.approx(one["per_text"]["kl"], rel=1e-3, abs=1e-6)
 
 
 def test_compressed_w4a16_checkpoint_loads_on_cpu(tiny_model_dir: Path, w4a16_model: Path) -> None:

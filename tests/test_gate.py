@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.eval.gate import combine, paired_recovery
+from pipeline.eval.gate import combine, gate, paired_recovery, token_check
 
 
 def _pairs(both: int, base_only: int, quant_only: int, neither: int) -> tuple[list[int], list[int]]:
@@ -67,3 +67,53 @@ def test_combined_gate() -> None:
     assert combine(["passed", "inconclusive"]) == "inconclusive"
     assert combine(["inconclusive", "failed"]) == "failed"
     assert combine([]) == "failed"
+
+
+def _texts(n: int, kl_per_token: float, agreement: float, tokens: int = 100, spread: float = 0.0) -> tuple:
+    """Per-text sums for `n` texts of `tokens` tokens; `spread` alternates texts above and below the mean."""
+    kl = [tokens * kl_per_token * (1 + spread * (-1) ** i) for i in range(n)]
+    agree = [round(tokens * agreement)] * n
+    return kl, agree, [tokens] * n
+
+
+def test_token_gate_passes_a_close_model() -> None:
+    check = token_check(*_texts(32, 0.01, 0.97, spread=0.2), max_kl=0.05, min_top1=0.9)
+    assert check.verdict == "passed"
+    assert check.kl_mean == pytest.approx(0.01) and check.top1 == pytest.approx(0.97)
+    assert check.kl_low <= check.kl_mean <= check.kl_high < 0.05
+    assert (check.texts, check.tokens) == (32, 3200)
+
+
+def test_token_gate_fails_on_kl_or_on_agreement() -> None:
+    assert token_check(*_texts(32, 0.2, 0.97), max_kl=0.05, min_top1=0.9).verdict == "failed"
+    assert token_check(*_texts(32, 0.01, 0.7), max_kl=0.05, min_top1=0.9).verdict == "failed"
+
+
+def test_token_gate_is_inconclusive_when_few_texts_straddle_the_limit() -> None:
+    """Two texts, one far above the limit and one far below: the mean passes, the interval cannot decide."""
+    check = token_check([1.0, 9.0], [95, 95], [100, 100], max_kl=0.06, min_top1=0.9)
+    assert check.kl_mean == pytest.approx(0.05)
+    assert check.verdict == "inconclusive" and check.kl_low < 0.06 < check.kl_high
+
+
+def test_token_gate_resamples_texts_not_tokens() -> None:
+    """The same tokens in fewer, longer texts give a wider interval: texts are the independent unit."""
+    many = token_check(*_texts(64, 0.02, 0.95, tokens=50, spread=0.5), max_kl=0.05, min_top1=0.9)
+    few = token_check(*_texts(8, 0.02, 0.95, tokens=400, spread=0.5), max_kl=0.05, min_top1=0.9)
+    assert many.tokens == few.tokens
+    assert few.kl_high - few.kl_low > many.kl_high - many.kl_low
+
+
+def test_token_gate_refuses_mismatched_figures() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        token_check([0.1, 0.2], [1], [10, 10], max_kl=0.05, min_top1=0.9)
+
+
+def test_gate_combines_tasks_and_tokens() -> None:
+    passed = [{"verdict": "passed"}]
+    close = token_check(*_texts(32, 0.01, 0.97), max_kl=0.05, min_top1=0.9)
+    far = token_check(*_texts(32, 0.2, 0.97), max_kl=0.05, min_top1=0.9)
+    assert gate(passed, [], close) == "passed"
+    assert gate(passed, [], far) == "failed"
+    assert gate([{"verdict": "inconclusive"}], [], close) == "inconclusive"
+    assert gate(passed, []) == "passed"  # eval.token_gate off

@@ -59,7 +59,9 @@ def test_results_table_has_baseline_quantized_recovery_and_stderr(tmp_path: Path
     assert "| mmlu | 400 | 0.5200 | 0.5200 | 100.0% | 100.0% – 100.0% | 0 / 0 | passed |" in results
     assert "| mmlu | acc | 0.5200 ± 0.0120 | 0.5200 ± 0.0120 | 100.0% | pass (min 96.0%) |" in results
     assert "| mmlu_astronomy | acc | 0.5200 ± 0.0500 | 0.5200 ± 0.0500 | 100.0% |" in results
-    assert "KL(base ‖ quantized) = 0.0123 nats/token, top-1 agreement 93.1%" in results
+    assert "Token-level gate on `heldout.jsonl` (8,000 tokens of 32 texts; 95.0% intervals" in results
+    assert "| KL(base ‖ quantized), nats/token | 0.0123 | " in results and "| at most 0.1 | passed |" in results
+    assert "| top-1 agreement | 93.2% | " in results
     assert "at most 20 questions per task" in results
 
 
@@ -74,6 +76,15 @@ def test_smoke_figures_deploy_versions_and_command(tmp_path: Path) -> None:
     assert "vllm serve" in card and 'LLM(model="' in card
     assert "| llmcompressor | " in section(card, "Library versions")
     assert f"qpipe run gptq --model {BASE_ID}" in section(card, "Reproduce")
+
+
+def test_card_names_no_absolute_local_path(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path)
+    manifest = Manifest.load(run_dir / "manifest.json")
+    manifest.command = "/opt/venv/bin/qpipe run /home/alice/recipes/gptq.yaml --model /models/llama --output /data/out"
+    card = render_card(run_dir, manifest, load_saved_recipe(run_dir / "recipe.yaml"))
+    assert "qpipe run gptq.yaml --model llama --output out" in section(card, "Reproduce")
+    assert "/home/alice" not in card and "/models/" not in card and "/data/out" not in card
 
 
 def test_failed_gate_is_stated_at_the_top(tmp_path: Path) -> None:
@@ -139,10 +150,10 @@ def test_card_command_rerenders_from_reports(tmp_path: Path, capsys: pytest.Capt
     run_dir = make_run_dir(tmp_path)
     report_path = run_dir / "reports" / "eval.json"
     report = json.loads(report_path.read_text())
-    report["fidelity"]["top1_agreement"] = 0.5
+    report["token"]["top1"] = 0.5
     report_path.write_text(json.dumps(report))
     assert main(["card", str(run_dir)]) == 0
-    assert "top-1 agreement 50.0%" in card_of(run_dir)
+    assert "| top-1 agreement | 50.0% |" in card_of(run_dir)
     assert verify_artifact(run_dir).problems == []  # the new card's hash replaced the old one
 
 

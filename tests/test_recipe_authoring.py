@@ -44,12 +44,18 @@ def test_the_documented_words_include_the_ones_yaml_1_1_reads_as_booleans() -> N
     assert {w for s, f, w in WORDS if (s, f) == ("quantize", "backend")} == set(BACKENDS)
 
 
+COMPANIONS = {("model", "hub"): ("id", "org/name")}  # fields a word is only valid beside
+
+
 @pytest.mark.parametrize(("section", "field", "value"), WORDS, ids=[".".join(w) for w in WORDS])
 def test_every_documented_word_is_accepted_unquoted(section: str, field: str, value: str, tmp_path: Path) -> None:
+    companion = COMPANIONS.get((section, field))
+    extra = f"  {companion[0]}: {companion[1]}\n" if companion else ""
     recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text(f"{section}:\n  {field}: {value}\n")
+    recipe_file.write_text(f"{section}:\n  {field}: {value}\n{extra}")
     from_file, _ = load_recipe(str(recipe_file))
-    from_set, _ = load_recipe("gptq", [f"{section}.{field}={value}"])
+    sets = [f"{section}.{field}={value}"] + ([f"{section}.{companion[0]}={companion[1]}"] if companion else [])
+    from_set, _ = load_recipe("gptq", sets)
     assert getattr(getattr(from_file, section), field) == value
     assert getattr(getattr(from_set, section), field) == value
 

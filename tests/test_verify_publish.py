@@ -246,11 +246,17 @@ class FakeHub(ThreadingHTTPServer):
         self.calls: list[tuple[str, str]] = []
         self.commits: list[dict[str, Any]] = []
         self.created: list[dict[str, Any]] = []
-        self.remote_files = [".gitattributes", "old-model.safetensors"]  # the repository before the upload
+        self.remote = {".gitattributes": b"*.safetensors filter=lfs\n", "old-model.safetensors": b"old"}
+        self.tamper: str | None = None  # a file whose hub copy differs from what was committed
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def blob_id(data: bytes) -> str:
+    """The git object id of a file's bytes, as the hub reports it for files not in LFS."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -270,7 +276,12 @@ class HubHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.calls.append(("GET", self.path))
         if "/tree/" in self.path:
-            self.reply_list([{"type": "file", "path": p, "size": 1, "oid": "0"} for p in self.server.remote_files])
+            self.reply_list(
+                [
+                    {"type": "file", "path": p, "size": len(data), "oid": blob_id(data)}
+                    for p, data in self.server.remote.items()
+                ]
+            )
         else:
             self.reply(404, {"error": "not implemented by the fake hub"})
 
@@ -311,6 +322,10 @@ class HubHandler(BaseHTTPRequestHandler):
             deleted = sorted(e["value"]["path"] for e in lines if e["key"] == "deletedFile")
             commit = {"repo": match[1], "revision": match[2], "files": files, "deleted": deleted, **header}
             self.server.commits.append(commit)
+            kept = {p: d for p, d in self.server.remote.items() if p not in deleted}
+            self.server.remote = {**kept, **files}
+            if self.server.tamper:
+                self.server.remote[self.server.tamper] += b" "
             self.reply(200, {"commitUrl": f"{self.server.url}/{match[1]}/commit/c0ffee", "commitOid": "c0ffee"})
         else:
             self.reply(404, {"error": f"unknown endpoint {path}"})
@@ -353,6 +368,19 @@ def test_publish_uploads_model_folder_and_manifest_in_one_commit(hub: FakeHub, r
     card = manifest.stages["card"].outputs
     assert hashlib.sha256(uploaded["README.md"]).hexdigest() == card["sha256"]
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".publish-")]  # staging folder removed
+    assert ("GET", "/api/models/my-org/Qwen3-0.6B-gptq/tree/c0ffee?recursive=true&expand=false") in hub.calls
+    assert str(tmp_path) not in uploaded[PUBLISHED_MANIFEST].decode()  # no local paths: the base model's folder
+    assert manifest.command == f"qpipe run gptq --model {manifest.model['identity']}"
+    assert Manifest.load(run_dir / "manifest.json").model["path"].startswith(str(tmp_path))  # the run's own: kept
+
+
+def test_publish_fails_when_the_hub_copy_differs(hub: FakeHub, run_dir: Path, tmp_path: Path) -> None:
+    """After the commit the remote tree is read back: a file whose hub copy differs fails the publish (exit 1)."""
+    hub.tamper = "config.json"
+    result = publish_cli(hub, tmp_path, run_dir, "--to", "hf://my-org/x")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "does not match what was uploaded: config.json: content differs" in last
 
 
 def test_publish_to_hub_refuses_a_tampered_artifact_before_any_request(

@@ -13,6 +13,7 @@ from typing import Any
 import jinja2
 import yaml
 
+from pipeline.artifact.local_paths import without_local_paths
 from pipeline.artifact.verify import CARD_FILE, CARD_STAGE, load_saved_recipe, open_artifact
 from pipeline.errors import PipelineError
 from pipeline.eval.gate import recovery_ratio, scores
@@ -74,7 +75,8 @@ def write_card(run_dir: Path, manifest: Manifest, recipe: Recipe) -> StageRecord
 
 
 def render_card(run_dir: Path, manifest: Manifest, recipe: Recipe) -> str:
-    """The card's Markdown from templates/model_card.md.j2 (strict: a missing field is an error, not blank)."""
+    """The card's Markdown from templates/model_card.md.j2 (strict: a missing field is an error, not blank), with
+    absolute local paths shortened: the card is written to be published."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("pipeline.artifact", "templates"),
         undefined=jinja2.StrictUndefined,
@@ -83,7 +85,7 @@ def render_card(run_dir: Path, manifest: Manifest, recipe: Recipe) -> str:
         keep_trailing_newline=True,
     )
     env.filters.update(num=fmt_number, score=fmt_score, pct=fmt_percent, size=fmt_size, cell=fmt_cell)
-    return env.get_template(TEMPLATE).render(card_context(run_dir, manifest, recipe))
+    return without_local_paths(env.get_template(TEMPLATE).render(card_context(run_dir, manifest, recipe)))
 
 
 def card_context(run_dir: Path, manifest: Manifest, recipe: Recipe) -> dict[str, Any]:
@@ -275,6 +277,7 @@ def eval_section(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
         "min_scores": report.get("min_scores") or {},
         "checks": report.get("checks", []),
         "paired": report.get("paired", []),
+        "token": report.get("token"),
         "failed": [c for c in report.get("checks", []) if not c.get("passed")],
         "rows": metric_rows(report["baseline"], report["quantized"]),
         "fidelity": report.get("fidelity"),

@@ -6,15 +6,20 @@ run's manifest, so that `qpipe verify` works on the published copy too.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
+from pipeline.artifact.local_paths import scrub
 from pipeline.artifact.verify import (
+    HUB_MANAGED,
     PUBLISHED_MANIFEST,
     Artifact,
     expected_files,
@@ -23,7 +28,8 @@ from pipeline.artifact.verify import (
     verify_artifact,
 )
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.run.files import atomic_directory
+from pipeline.run.files import atomic_directory, sha256_file
+from pipeline.run.manifest import Manifest
 
 HUB_URL = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?$")
 TARGET_HINT = "use hf://org/name[@revision], file:///absolute/path or a directory"
@@ -61,14 +67,18 @@ def parse_target(value: str) -> Target:
 
 
 def publish_files(artifact: Artifact) -> dict[str, Path]:
-    """{path in the published folder: source file}: every verified model file and the manifest."""
-    files = {rel: artifact.model_dir / rel for rel in sorted(expected_files(artifact.manifest))}
-    files[PUBLISHED_MANIFEST] = artifact.manifest_path
-    return files
+    """{path in the published folder: source file}: every verified model file (the manifest is written apart)."""
+    return {rel: artifact.model_dir / rel for rel in sorted(expected_files(artifact.manifest))}
 
 
-def place_files(files: dict[str, Path], folder: Path, link: bool) -> None:
-    """Hard-link (where possible) or copy `files` into `folder`."""
+def public_manifest(manifest: Manifest) -> str:
+    """The manifest as published: the run's, with absolute local paths shortened to their last component."""
+    return json.dumps(scrub(manifest.model_dump(mode="json")), indent=2) + "\n"
+
+
+def place_files(files: dict[str, Path], manifest: Manifest, folder: Path, link: bool) -> None:
+    """Hard-link (where possible) or copy `files` into `folder`, and write the public manifest beside them."""
+    (folder / PUBLISHED_MANIFEST).write_text(public_manifest(manifest), encoding="utf-8")
     for rel, source in files.items():
         dest = folder / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -115,10 +125,10 @@ def make_shareable(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def to_directory(files: dict[str, Path], directory: Path) -> str:
+def to_directory(files: dict[str, Path], manifest: Manifest, directory: Path) -> str:
     """Copy into a temp folder beside `directory`, verify the copy, then rename it into place."""
     with atomic_directory(directory) as tmp:
-        place_files(files, tmp, link=False)
+        place_files(files, manifest, tmp, link=False)
         make_shareable(tmp)
         copy = verify_artifact(tmp)
         if copy.problems:
@@ -126,10 +136,13 @@ def to_directory(files: dict[str, Path], directory: Path) -> str:
     return str(directory)
 
 
-def to_hub(files: dict[str, Path], target: Target, message: str, private: bool, staging_parent: Path) -> str:
+def to_hub(
+    files: dict[str, Path], manifest: Manifest, target: Target, message: str, private: bool, staging_parent: Path
+) -> str:
     """create_repo (and the branch), then upload_folder of a hard-linked staging folder: one commit, which also
     deletes every remote file this publish does not write (the hub keeps `.gitattributes`), so the repository
-    holds exactly what the manifest lists."""
+    holds exactly what the manifest lists; then the hub's file list is read back and compared with the staging
+    folder (git blob ids, LFS sha256)."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -141,7 +154,7 @@ def to_hub(files: dict[str, Path], target: Target, message: str, private: bool, 
         if target.revision:
             api.create_branch(target.repo_id, branch=target.revision, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".publish-", dir=staging_parent) as staging:
-            place_files(files, Path(staging), link=True)
+            place_files(files, manifest, Path(staging), link=True)
             commit = api.upload_folder(
                 repo_id=target.repo_id,
                 folder_path=staging,
@@ -149,17 +162,53 @@ def to_hub(files: dict[str, Path], target: Target, message: str, private: bool, 
                 commit_message=message,
                 delete_patterns="*",
             )
+            problems = remote_problems(api, target, commit.oid, Path(staging), manifest)
     except OfflineModeIsEnabled:
         raise PipelineError("publish: HF_HUB_OFFLINE is set; unset it to upload to the hub") from None
     except HfHubHTTPError as exc:
         reason = str(exc).splitlines()[0]
         raise PipelineError(f"publish: the hub refused the upload to {target} ({reason}); check HF_TOKEN") from None
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StageFailed(f"publish: {commit.commit_url} does not match what was uploaded: {problems[0]}{more}")
     return commit.commit_url
 
 
-def describe(files: dict[str, Path]) -> list[str]:
+def git_blob_id(path: Path) -> str:
+    """The git object id the hub reports for a file stored in git (not LFS): sha1 of a blob header and the bytes."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def remote_problems(api: Any, target: Target, revision: str, staging: Path, manifest: Manifest) -> list[str]:
+    """What differs between the hub's tree at `revision` (the new commit) and the staged folder: missing, changed
+    or extra files. LFS files are compared by sha256 (the manifest's, for model files), the rest by git blob id."""
+    from huggingface_hub.hf_api import RepoFile
+
+    digests = {rel: entry["sha256"] for rel, entry in expected_files(manifest).items()}
+    remote = {
+        entry.path: entry
+        for entry in api.list_repo_tree(target.repo_id, revision=revision, recursive=True)
+        if isinstance(entry, RepoFile)
+    }
+    problems = []
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        rel = path.relative_to(staging).as_posix()
+        entry = remote.pop(rel, None)
+        if entry is None:
+            problems.append(f"{rel} is missing")
+        elif entry.lfs is not None and entry.lfs.sha256 != (digests.get(rel) or sha256_file(path)):
+            problems.append(f"{rel}: sha256 differs")
+        elif entry.lfs is None and entry.blob_id != git_blob_id(path):
+            problems.append(f"{rel}: content differs")
+    problems += [f"{rel} is on the hub but not in the manifest" for rel in sorted(set(remote) - set(HUB_MANAGED))]
+    return problems
+
+
+def describe(files: dict[str, Path], manifest: Manifest) -> list[str]:
     """One line per file: size and path in the published folder, then the total."""
     sizes = {rel: path.stat().st_size for rel, path in files.items()}
+    sizes[PUBLISHED_MANIFEST] = len(public_manifest(manifest).encode())
     lines = [f"  {size:>14,d}  {rel}" for rel, size in sizes.items()]
     return [*lines, f"  {sum(sizes.values()):>14,d}  total, {len(sizes)} files"]
 
@@ -177,10 +226,10 @@ def publish(
     manifest = result.artifact.manifest
     if dry_run:
         header = f"dry run: would publish {path} (gate {manifest.gate}) to {target}:"
-        return "\n".join([header, *describe(files), "nothing was uploaded or copied"])
+        return "\n".join([header, *describe(files, manifest), "nothing was uploaded or copied"])
     if target.directory is not None:
-        return to_directory(files, target.directory)
+        return to_directory(files, manifest, target.directory)
     message = (
         f"qpipe {manifest.recipe} {manifest.recipe_hash} of {manifest.model.get('identity')} (gate {manifest.gate})"
     )
-    return to_hub(files, target, message, private, result.artifact.model_dir.parent)
+    return to_hub(files, manifest, target, message, private, result.artifact.model_dir.parent)

@@ -47,8 +47,9 @@ def next_token_fidelity(
     batch_size: int,
     device: str | None = None,
     trust_remote_code: bool = False,
-) -> dict[str, float | int | str]:
-    """Mean next-token KL(base || quant) and top-1 agreement over all non-pad positions of ``texts``.
+) -> dict[str, Any]:
+    """Mean next-token KL(base || quant) and top-1 agreement over all non-pad positions of ``texts``, and both
+    summed per text (`per_text`) for the token-level gate's interval.
 
     Both models see the same token ids (from the base tokenizer); log-softmax and KL are computed in float32.
     `device` defaults to the GPU when there is one.
@@ -70,30 +71,49 @@ def next_token_fidelity(
     base_logps = _all_log_probs(load_causal_lm(base_model_dir, dtype, device, trust_remote_code), batches)
     release_accelerator_memory()
     quant = load_causal_lm(quant_model_dir, dtype, device, trust_remote_code)
-    kl_sum, agree, tokens = 0.0, 0, 0
+    kl: list[float] = []
+    agree: list[float] = []
+    tokens: list[int] = []
     with torch.inference_mode():
         for batch, base_logp in zip(batches, base_logps, strict=True):
             quant_logp = _log_probs(quant, batch)
-            kl_sum += kl_total(base_logp, quant_logp)
-            agree += int((base_logp.argmax(-1) == quant_logp.argmax(-1)).sum())
-            tokens += base_logp.shape[0]
+            kl += per_text(kl_per_position(base_logp, quant_logp), batch)
+            agree += per_text(base_logp.argmax(-1) == quant_logp.argmax(-1), batch)
+            tokens += batch["attention_mask"].sum(1).tolist()
     del quant, base_logps
     release_accelerator_memory()
-    if tokens == 0:
+    if sum(tokens) == 0:
         raise ValueError("next_token_fidelity: the texts produced no tokens")
     return {
-        "kl_mean": kl_sum / tokens,
-        "top1_agreement": agree / tokens,
-        "tokens": tokens,
+        "kl_mean": sum(kl) / sum(tokens),
+        "top1_agreement": sum(agree) / sum(tokens),
+        "tokens": sum(tokens),
         "texts": len(texts),
+        "per_text": {"kl": kl, "top1": [round(a) for a in agree], "tokens": tokens},
         "device": device,
         "wall_s": round(time.perf_counter() - start, 3),
     }
 
 
+def per_text(per_position: Any, batch: Any) -> list[float]:
+    """Sums of a per-position figure over each text of the batch (positions in `_log_probs`' order: row-major over
+    the non-pad positions), so the gate can resample texts, the unit whose tokens are not independent."""
+    import torch
+
+    mask = batch["attention_mask"].bool()
+    rows = mask.nonzero()[:, 0].to(per_position.device)
+    sums = torch.zeros(mask.shape[0], dtype=torch.float64, device=per_position.device)
+    return sums.index_add_(0, rows, per_position.double()).tolist()
+
+
+def kl_per_position(reference: Any, other: Any) -> Any:
+    """KL(reference || other) at each position, from log-probs of shape (tokens, vocab)."""
+    return (reference.exp() * (reference - other)).sum(-1)
+
+
 def kl_total(reference: Any, other: Any) -> float:
-    """KL(reference || other) summed over positions, from log-probs of shape (tokens, vocab)."""
-    return float((reference.exp() * (reference - other)).sum())
+    """KL(reference || other) summed over positions."""
+    return float(kl_per_position(reference, other).sum())
 
 
 def mean_kl(reference: list[Any], other: list[Any]) -> float:

@@ -165,6 +165,73 @@ def _decide(
     return "inconclusive", f"{interval} straddles {min_recovery:.0%} (n = {n}); evaluate more questions"
 
 
+class TokenCheck(BaseModel):
+    """The token-level gate: mean KL(base || quant) and top-1 agreement on held-out text, each with a bootstrap
+    interval over the texts, against the scheme's (or recipe's) `max_kl` and `min_top1`."""
+
+    texts: int
+    tokens: int
+    kl_mean: float
+    kl_low: float
+    kl_high: float
+    max_kl: float
+    top1: float
+    top1_low: float
+    top1_high: float
+    min_top1: float
+    confidence: float
+    verdict: Verdict
+    reason: str
+
+
+def token_check(
+    kl: Sequence[float],
+    top1: Sequence[float],
+    tokens: Sequence[int],
+    max_kl: float,
+    min_top1: float,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> TokenCheck:
+    """Verdict from per-text sums (KL, agreeing positions, positions): texts are resampled, not tokens, because a
+    text's tokens share its context. `passed` when both whole intervals are on the right side of their limits,
+    `failed` when either whole interval is on the wrong side, else `inconclusive`."""
+    kl_sums, agree, counts = (np.asarray(v, dtype=float) for v in (kl, top1, tokens))
+    if not (kl_sums.size == agree.size == counts.size) or counts.sum() <= 0:
+        raise ValueError(
+            f"per-text figures differ in length or hold no tokens: {kl_sums.size}, {agree.size}, {counts.size}"
+        )
+    picks = np.random.default_rng(SEED).integers(0, counts.size, size=(resamples, counts.size))
+    tail = (1 - confidence) / 2
+    kl_low, kl_high = np.quantile(kl_sums[picks].sum(1) / counts[picks].sum(1), [tail, 1 - tail])
+    top1_low, top1_high = np.quantile(agree[picks].sum(1) / counts[picks].sum(1), [tail, 1 - tail])
+    kl_mean, top1_mean = kl_sums.sum() / counts.sum(), agree.sum() / counts.sum()
+    interval = (
+        f"KL {kl_low:.4f}-{kl_high:.4f} (max {max_kl:g}), top-1 {top1_low:.1%}-{top1_high:.1%} (min {min_top1:.0%})"
+    )
+    if kl_low > max_kl or top1_high < min_top1:
+        verdict: Verdict = "failed"
+    elif kl_high <= max_kl and top1_low >= min_top1:
+        verdict = "passed"
+    else:
+        verdict = "inconclusive"
+    return TokenCheck(
+        texts=int(counts.size),
+        tokens=int(counts.sum()),
+        kl_mean=float(kl_mean),
+        kl_low=float(kl_low),
+        kl_high=float(kl_high),
+        max_kl=max_kl,
+        top1=float(top1_mean),
+        top1_low=float(top1_low),
+        top1_high=float(top1_high),
+        min_top1=min_top1,
+        confidence=confidence,
+        verdict=verdict,
+        reason=f"{confidence:.0%} intervals: {interval}",
+    )
+
+
 def combine(verdicts: Sequence[Verdict]) -> Verdict:
     """The gate over several checks: failed if any failed, else inconclusive if any is, else passed (none: failed)."""
     if not verdicts or "failed" in verdicts:
@@ -207,7 +274,9 @@ def paired_checks(
     return checks
 
 
-def gate(paired: list[dict], checks: list[MetricCheck]) -> str:
-    """The paired verdicts of every gated task; an absolute floor (`eval.min_scores`) missed fails it outright."""
+def gate(paired: list[dict], checks: list[MetricCheck], token: TokenCheck | None = None) -> str:
+    """The paired verdicts of every gated task and the token-level verdict (when it runs); an absolute floor
+    (`eval.min_scores`) missed fails it outright."""
     floor_missed = any(c.floor is not None and c.quantized < c.floor for c in checks)
-    return combine([p["verdict"] for p in paired] + (["failed"] if floor_missed else []))
+    verdicts = [p["verdict"] for p in paired] + ([token.verdict] if token else [])
+    return combine(verdicts + (["failed"] if floor_missed else []))

@@ -186,6 +186,11 @@ class EvalSpec(Strict):
     fidelity_dataset: str = "calibration/demo-heldout.jsonl"
     fidelity_samples: PositiveInt = 32
     fidelity_max_length: PositiveInt = 256
+    token_gate: bool = Field(
+        True, description="Gate on next-token KL and top-1 agreement too (the fidelity set), beside the tasks."
+    )
+    max_kl: float | None = Field(None, gt=0, description="Token gate: most mean KL(base||quant), nats/token.")
+    min_top1: float | None = Field(None, gt=0, le=1, description="Token gate: least top-1 agreement.")
     tensor_parallel_size: PositiveInt = Field(
         1, description="GPUs per evaluated model; hf backend: >1 splits its layers over the visible GPUs."
     )

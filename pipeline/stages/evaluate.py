@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.gate import MetricCheck, check_recovery, gate, paired_checks, scores
+from pipeline.eval.gate import MetricCheck, TokenCheck, check_recovery, gate, paired_checks, scores, token_check
 from pipeline.formats import SCHEMES
 from pipeline.paths import default_cache_root
 from pipeline.recipe.load import resolve_data_path
@@ -110,7 +110,24 @@ def min_recovery(recipe: Recipe) -> float:
     return recipe.eval.min_recovery or SCHEMES[recipe.quantize.scheme].default_min_recovery
 
 
-def print_table(checks: list[MetricCheck], paired: list[dict], fid: dict[str, Any], verdict: str) -> None:
+def token_gate(recipe: Recipe, fid: dict[str, Any]) -> TokenCheck | None:
+    """The token-level verdict on the fidelity set against the recipe's limits or the scheme's defaults."""
+    spec, scheme = recipe.eval, SCHEMES[recipe.quantize.scheme]
+    if not spec.token_gate:
+        return None
+    per_text = fid["per_text"]
+    return token_check(
+        per_text["kl"],
+        per_text["top1"],
+        per_text["tokens"],
+        max_kl=spec.max_kl or scheme.default_max_kl,
+        min_top1=spec.min_top1 or scheme.default_min_top1,
+    )
+
+
+def print_table(
+    checks: list[MetricCheck], paired: list[dict], fid: dict[str, Any], token: TokenCheck | None, verdict: str
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -137,8 +154,10 @@ def print_table(checks: list[MetricCheck], paired: list[dict], fid: dict[str, An
         )
     console.print(
         f"fidelity: KL(base||quant) {fid['kl_mean']:.5f} nats/token, top-1 agreement {fid['top1_agreement']:.1%} "
-        f"over {fid['tokens']} tokens; gate: {verdict}"
+        f"over {fid['tokens']} tokens of {fid['texts']} texts"
+        + (f": {token.verdict}, {token.reason}" if token else " (eval.token_gate is off)")
     )
+    console.print(f"gate: {verdict}")
 
 
 def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
@@ -153,12 +172,14 @@ def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     fid = fidelity(recipe, ctx)
     checks = check_recovery(scores(baseline), scores(quantized), spec.tasks, min_recovery(recipe), spec.min_scores)
     paired = paired_checks(baseline, quantized, spec.tasks, min_recovery(recipe), spec.min_questions)
-    verdict = gate(paired, checks)
+    token = token_gate(recipe, fid)
+    verdict = gate(paired, checks, token)
     report = {
         "gate": verdict,
         "min_recovery": min_recovery(recipe),
         "min_scores": spec.min_scores,
         "paired": paired,
+        "token": token.model_dump() if token else None,
         "checks": [c.model_dump() for c in checks],
         "fidelity": fid,
         "data": data,
@@ -167,7 +188,7 @@ def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
         "quantized": quantized,
     }
     write_json_atomic(ctx.reports_dir / "eval.json", report)
-    print_table(checks, paired, fid, verdict)
+    print_table(checks, paired, fid, token, verdict)
     return {
         "gate": verdict,
         "paired": {p["task"]: [round(p["ci_low"], 4), round(p["ci_high"], 4), p["questions"]] for p in paired},
@@ -175,6 +196,7 @@ def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
         "recovery": {f"{c.task}/{c.metric}": round(c.recovery, 4) for c in checks},
         "kl_mean": fid["kl_mean"],
         "top1_agreement": fid["top1_agreement"],
+        "token_gate": token.verdict if token else "off",
         "baseline_wall_s": baseline["wall_s"],
         "baseline_cached": baseline["cached"],
         "quantized_wall_s": quantized["wall_s"],
