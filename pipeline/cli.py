@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StageFailed
 from pipeline.run.context import LOGGER_NAME
+from pipeline.run.files import disk_full
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -404,14 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_error(exc: PipelineError, debug: bool) -> None:
-    """The one-line error; with --debug the traceback first, but the caller keeps the exit code, so scripts still
-    tell bad input from a failed gate."""
+def print_error(exc: BaseException, debug: bool, text: str | None = None) -> None:
+    """The one-line error (`text`, else the exception's); with --debug the traceback first, but the caller keeps
+    the exit code, so scripts still tell bad input from a failed gate."""
     if debug:
         import traceback
 
         traceback.print_exception(exc)
-    print(f"error: {exc}", file=sys.stderr)
+    print(f"error: {text or exc}", file=sys.stderr)
 
 
 def _configure_logging(debug: bool) -> None:
@@ -441,6 +442,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        reason = str(exc).splitlines()[0]
+        print_error(
+            exc,
+            args.debug,
+            f"out of disk space: {reason}; free space on that disk or pass --output on another one, then re-run: "
+            "finished stages are kept, nothing half-written is",
+        )
+        return StageFailed.exit_code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pipeline.errors import GateFailed, GateInconclusive
 from pipeline.recipe.load import recipe_yaml
 from pipeline.recipe.schema import Recipe
 from pipeline.run.context import LOGGER_NAME, RunContext
-from pipeline.run.files import exclusive_lock, write_text_atomic
+from pipeline.run.files import exclusive_lock, remove_stale_temps, write_text_atomic
 from pipeline.run.manifest import Manifest, StageRecord, fingerprint, library_versions, now_iso
 from pipeline.run.model_source import ModelSource, model_fingerprint, resolve_model
 from pipeline.run.resources import ResourceMonitor
@@ -154,6 +154,8 @@ def _plan(steps: list[str], ctx: RunContext, fps: dict[str, str | None], force: 
 def _open_context(recipe: Recipe, recipe_source: Path, source: ModelSource, final: Path) -> RunContext:
     run_dir = final if final.exists() else final.with_name(final.name + ".partial")
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(run_dir):
+        log.info("removed %s, left by an interrupted run", stale)
     manifest = Manifest.load(run_dir / "manifest.json") or Manifest(
         qpipe_version=__version__,
         recipe=recipe.name,

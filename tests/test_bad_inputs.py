@@ -99,3 +99,21 @@ def test_a_second_run_of_the_same_artifact_is_refused_while_one_writes_it(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "is being written by another qpipe run (pid " in err and "--output elsewhere" in err
     assert run_recipe("fp8", tmp_path, steps="calibrate") == 0  # released with its holder
+
+
+def test_disk_full_is_recognised_through_wrappers() -> None:
+    import errno
+
+    from pipeline.run.files import disk_full
+
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk_full(RuntimeError("Error while serializing: I/O error: File too large (os error 27)"))
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as inner:
+            raise ValueError("save failed") from inner
+    except ValueError as outer:
+        assert disk_full(outer)
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not disk_full(RuntimeError("no weights (os error 2)"))

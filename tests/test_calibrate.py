@@ -130,3 +130,37 @@ def test_run_calibrate_saves_tokenized_set(tmp_path: Path, tiny_tokenizer_dir: P
     assert len(saved) == result["samples"] == 8
     assert result["max_len"] == 12
     assert all(len(ids) <= 12 for ids in saved["input_ids"])
+
+
+def test_packing_cuts_equal_samples_from_concatenated_texts(tmp_path: Path, tokenizer) -> None:
+    from pipeline.stages.calibrate import packed_samples
+
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS])
+    spec = CalibrateSpec(dataset=str(data), num_samples=4, max_seq_length=16, seed=1, pack=True)
+    samples, used = packed_samples(spec, tokenizer)
+    assert [len(s) for s in samples] == [16] * 4
+    stream = [
+        t
+        for text in select_texts(spec.model_copy(update={"num_samples": used}), tokenizer)
+        for t in [*tokenizer(text)["input_ids"], tokenizer.eos_token_id]
+    ]
+    assert sum(samples, []) == stream[:64]  # the texts in selection order, EOS after each, cut in 16s
+    assert len(stream) >= 64 and used < len(TEXTS)  # only as many texts as the 4 x 16 tokens need
+
+
+def test_packing_with_too_little_text(tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.stages.calibrate import packed_samples
+
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS[:3]])
+    spec = CalibrateSpec(dataset=str(data), num_samples=100, max_seq_length=8, pack=True)
+    samples, used = packed_samples(spec, tokenizer)
+    assert used == 3 and samples and all(len(s) == 8 for s in samples)  # whole samples only
+    with pytest.raises(PipelineError, match="calibrate.pack: .* fewer than one sample of max_seq_length 4096"):
+        packed_samples(spec.model_copy(update={"max_seq_length": 4096}), tokenizer)
+
+
+def test_packing_changes_the_fingerprint(tmp_path: Path, tokenizer) -> None:
+    recipe, _ = load_recipe("gptq")
+    packed = recipe.model_copy(update={"calibrate": recipe.calibrate.model_copy(update={"pack": True})})
+    assert calibration_fingerprint(recipe, tokenizer) != calibration_fingerprint(packed, tokenizer)
+    assert recipe.artifact_hash() != packed.artifact_hash()

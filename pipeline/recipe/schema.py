@@ -76,6 +76,11 @@ class CalibrateSpec(Strict):
     num_samples: PositiveInt = 128
     max_seq_length: PositiveInt = 512
     seed: int = 0
+    pack: bool = Field(
+        False,
+        description="Concatenate the texts (EOS between them) and cut num_samples samples of exactly max_seq_length "
+        "tokens, so they batch together (mixed-length text otherwise runs sample by sample).",
+    )
 
     @model_validator(mode="after")
     def _check_messages_rendering(self) -> CalibrateSpec:

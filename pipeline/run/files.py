@@ -3,10 +3,12 @@ hashes and sizes in words."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -56,6 +58,37 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
         yield
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space left, file size limit, quota exceeded
+WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust-backed libraries (safetensors) quote an errno
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a write that found no space: an OSError with one of
+    DISK_FULL, or a library error quoting one (safetensors: "I/O error: No space left on device (os error 28)")."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        if any(int(code) in DISK_FULL for code in WRAPPED_OS_ERROR.findall(str(exc))):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def remove_stale_temps(run_dir: Path) -> list[str]:
+    """Delete what atomic writes of a killed run left behind (`.NAME.*.tmp` files and folders, in the run folder,
+    reports/ and model/), so a resumed run finishes without them; call it holding the run's lock. Returns their
+    names, relative to `run_dir`."""
+    removed = []
+    for folder in (run_dir, run_dir / "reports", run_dir / "model"):
+        for stale in folder.glob(".*.tmp"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+            removed.append(str(stale.relative_to(run_dir)))
+    return removed
 
 
 @contextmanager

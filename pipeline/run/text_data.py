@@ -4,7 +4,9 @@ Used by calibration and by the eval stage's held-out fidelity set."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,12 @@ def _no_chat_template_fix(spec: CalibrateSpec) -> str:
 
 def select_texts(spec: CalibrateSpec, tokenizer: Any) -> list[str]:
     """Seeded shuffle, first N usable records, rendered to text."""
+    return list(itertools.islice(iter_texts(spec, tokenizer), spec.num_samples))
+
+
+def iter_texts(spec: CalibrateSpec, tokenizer: Any) -> Iterator[str]:
+    """Every usable record in seeded-shuffle order, rendered to text as it is taken (packing takes as many as
+    its token budget needs)."""
     raw = _load_raw(spec)
     field = spec.messages_field or spec.text_field
     if field not in raw.column_names:
@@ -134,5 +142,5 @@ def select_texts(spec: CalibrateSpec, tokenizer: Any) -> list[str]:
     raw = raw.filter(lambda r: bool(r[field])).shuffle(seed=spec.seed)
     if len(raw) == 0:
         raise PipelineError(f"calibrate.dataset: {spec.dataset} has no non-empty {field!r} samples; add data")
-    raw = raw.select(range(min(spec.num_samples, len(raw))))
-    return [_render(spec, tokenizer, record) for record in raw]
+    for record in raw:
+        yield _render(spec, tokenizer, record)
