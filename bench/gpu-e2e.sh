@@ -5,7 +5,8 @@
 #   bash bench/gpu-e2e.sh piece               keep the .whl/vllm/site.tar.xz.part-* carried in this call
 #   bash bench/gpu-e2e.sh vllm                reassemble the vLLM site dir and link it as qpipe's vLLM env
 #   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint (RUN_ARGS: more options, e.g.
-#                                             "--set smoke.serve_check=true"); reports into $OUT
+#                                             "--set smoke.serve_check=true"; RUN_TAG names its tarball);
+#                                             reports into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
 #                                             checkpoint unless SERVE_ARGS has --no-base); figures into $OUT
 # Several subcommands may follow each other in one call: `bash bench/gpu-e2e.sh setup run gptq calibrate,...,eval`.
@@ -79,8 +80,8 @@ run() {
     --set calibrate.dataset=calibration/demo-calibration.jsonl --set eval.mmlu_dir="$ROOT/mmlu" \
     --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 ${RUN_ARGS:-} || status=$?
   local dir
-  dir=$(ls -d "$ART"/*/"$recipe"-* 2>/dev/null | head -1) || true
-  tar -czf "$OUT/$recipe-run.tar.gz" -C "$dir" manifest.json recipe.yaml reports logs model/README.md \
+  dir=$(ls -td "$ART"/*/"$recipe"-* 2>/dev/null | head -1) || true  # the newest: RUN_ARGS may change the hash
+  tar -czf "$OUT/$recipe${RUN_TAG:+-$RUN_TAG}-run.tar.gz" -C "$dir" manifest.json recipe.yaml reports logs model/README.md \
     model/config.json 2>/dev/null || true
   echo "qpipe run $recipe exit $status"
 }

@@ -72,6 +72,7 @@ def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]
     from transformers import AutoTokenizer
 
     from pipeline.stages.calibrate import calibration_fingerprint
+    from pipeline.stages.evaluate import gate_limits
     from pipeline.stages.quantize import recipe_needs_calibration
 
     versions = library_versions()
@@ -86,7 +87,7 @@ def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]
         "calibrate": calib,
         "quantize": quant,
         "export": export,
-        "eval": fingerprint("eval/v1", export, recipe.eval),
+        "eval": fingerprint("eval/v2", export, recipe.eval, gate_limits(recipe)),
         "smoke": fingerprint("smoke/v1", export, recipe.smoke),
     }
 

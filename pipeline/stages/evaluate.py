@@ -106,22 +106,24 @@ def fidelity(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     return {**result, "dataset": spec.fidelity_dataset}
 
 
-def min_recovery(recipe: Recipe) -> float:
-    return recipe.eval.min_recovery or SCHEMES[recipe.quantize.scheme].default_min_recovery
-
-
-def token_gate(recipe: Recipe, fid: dict[str, Any]) -> TokenCheck | None:
-    """The token-level verdict on the fidelity set against the recipe's limits or the scheme's defaults."""
+def gate_limits(recipe: Recipe) -> dict[str, float]:
+    """The gate's limits: the recipe's, else the scheme's defaults (part of the eval stage's fingerprint, so
+    changed defaults re-run it)."""
     spec, scheme = recipe.eval, SCHEMES[recipe.quantize.scheme]
-    if not spec.token_gate:
+    return {
+        "min_recovery": spec.min_recovery or scheme.default_min_recovery,
+        "max_kl": spec.max_kl or scheme.default_max_kl,
+        "min_top1": spec.min_top1 or scheme.default_min_top1,
+    }
+
+
+def token_gate(recipe: Recipe, fid: dict[str, Any], limits: dict[str, float]) -> TokenCheck | None:
+    """The token-level verdict on the fidelity set, unless `eval.token_gate` is off."""
+    if not recipe.eval.token_gate:
         return None
     per_text = fid["per_text"]
     return token_check(
-        per_text["kl"],
-        per_text["top1"],
-        per_text["tokens"],
-        max_kl=spec.max_kl or scheme.default_max_kl,
-        min_top1=spec.min_top1 or scheme.default_min_top1,
+        per_text["kl"], per_text["top1"], per_text["tokens"], max_kl=limits["max_kl"], min_top1=limits["min_top1"]
     )
 
 
@@ -170,13 +172,14 @@ def run_eval(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     ctx.log.info("eval: quantized model on %s", ",".join(spec.tasks))
     quantized = _evaluate(ctx.model_dir, recipe, include, ctx.logs_dir / "eval-quantized.log")
     fid = fidelity(recipe, ctx)
-    checks = check_recovery(scores(baseline), scores(quantized), spec.tasks, min_recovery(recipe), spec.min_scores)
-    paired = paired_checks(baseline, quantized, spec.tasks, min_recovery(recipe), spec.min_questions)
-    token = token_gate(recipe, fid)
+    limits = gate_limits(recipe)
+    checks = check_recovery(scores(baseline), scores(quantized), spec.tasks, limits["min_recovery"], spec.min_scores)
+    paired = paired_checks(baseline, quantized, spec.tasks, limits["min_recovery"], spec.min_questions)
+    token = token_gate(recipe, fid, limits)
     verdict = gate(paired, checks, token)
     report = {
         "gate": verdict,
-        "min_recovery": min_recovery(recipe),
+        "min_recovery": limits["min_recovery"],
         "min_scores": spec.min_scores,
         "paired": paired,
         "token": token.model_dump() if token else None,
