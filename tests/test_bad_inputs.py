@@ -3,6 +3,7 @@ hub downloads fetch no code unless the recipe trusts it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,28 @@ def test_model_directory_without_weights(tmp_path: Path, capsys: pytest.CaptureF
     (model / "config.json").write_text('{"model_type": "qwen3"}')
     assert main(["validate", "gptq", "--model", str(model)]) == 2
     assert "has config.json but no weights" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"model_type": "foonet"}, "is a 'foonet' model, which transformers"),
+        ({"model_type": "foonet", "auto_map": {"AutoConfig": "x.FooConfig"}}, "set model.trust_remote_code: true"),
+    ],
+    ids=["unknown", "remote-code"],
+)
+def test_model_of_an_unknown_architecture(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: dict, expected: str
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"")
+    assert main(["validate", "gptq", "--model", str(model)]) == 2
+    assert expected in one_line_error(capsys)
+    assert main(["validate", "gptq", "--model", str(model), "--set", "model.trust_remote_code=true"]) == (
+        2 if "auto_map" not in config else 0
+    )
 
 
 def test_empty_recipe_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,6 +67,28 @@ def check_model_reference(spec: ModelSpec) -> None:
             f"model.id: {spec.id} has config.json but no weights (*.safetensors or *.bin); "
             "copy the weight files there or point at the complete model directory"
         )
+    check_architecture(spec.id, path / "config.json", spec.trust_remote_code)
+
+
+def check_architecture(model_id: str, config_path: Path, trust_remote_code: bool) -> None:
+    """A model type this transformers knows, or code the recipe trusts: otherwise transformers stops the quantize
+    stage with a traceback after calibration, where this says it before any stage."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    model_type, ships_code = config.get("model_type"), "auto_map" in config
+    if model_type in CONFIG_MAPPING_NAMES or (trust_remote_code and ships_code):
+        return
+    fix = (
+        "set model.trust_remote_code: true if you trust the code the repository ships (its config has auto_map)"
+        if ships_code
+        else "upgrade transformers (pip install -U transformers) or check config.json's model_type"
+    )
+    raise PipelineError(
+        f"model.id: {model_id} is a {model_type!r} model, which transformers {transformers.__version__} does not "
+        f"know; {fix}"
+    )
 
 
 def resolve_model(spec: ModelSpec) -> ModelSource:
@@ -76,13 +98,16 @@ def resolve_model(spec: ModelSpec) -> ModelSource:
 
         return ModelSource("demo", DEMO_MODEL_NAME, ensure_demo_model(), None)
     check_model_reference(spec)
+    if _looks_local(spec.id) and not spec.modelscope:
+        return ModelSource("local", spec.id, Path(spec.id).expanduser().resolve(), None)  # checked above
     if spec.modelscope:
         repo = spec.repo_id or ""
         path = _download_modelscope(repo, spec.revision, spec.trust_remote_code)
-        return ModelSource("modelscope", f"{MODELSCOPE_PREFIX}{repo}", path, spec.revision)
-    if _looks_local(spec.id):
-        return ModelSource("local", spec.id, Path(spec.id).expanduser().resolve(), None)
-    return ModelSource("hub", spec.id, _download(spec.id, spec.revision, spec.trust_remote_code), spec.revision)
+        source = ModelSource("modelscope", f"{MODELSCOPE_PREFIX}{repo}", path, spec.revision)
+    else:
+        source = ModelSource("hub", spec.id, _download(spec.id, spec.revision, spec.trust_remote_code), spec.revision)
+    check_architecture(source.identity, source.path / "config.json", spec.trust_remote_code)
+    return source
 
 
 def download_patterns(trust_remote_code: bool) -> list[str]:
