@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.vllm.launch import WORKER
 
 
@@ -68,3 +70,35 @@ def test_serve_check_fails_unless_a_wrong_api_key_is_refused() -> None:
     assert client_problem({**reply, "unauthenticated_status": 200}) == (
         "a request with a wrong API key got HTTP 200, not 401"
     )
+
+
+PREFIX = "(EngineCore pid=41) ERROR 11-30 04:10:01 [core.py:1510] "
+ENGINE_TRACEBACK = [  # as vLLM's engine process logs a start-up failure (prefix on every line)
+    "EngineCore failed to start.",
+    "Traceback (most recent call last):",
+    '  File "/env/vllm/v1/engine/core.py", line 90, in __init__',
+    '  File "/env/vllm/model_executor/layers/fused_moe/layer.py", line 7, in f',
+    '  File "/env/vllm/model_executor/layers/fused_moe/oracle/{module}.py", line 362, in g',
+    "{error}",
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "error"),
+    [
+        ("int_wna16", "NotImplementedError: No WNA16 MoE backend supports the deployment configuration."),
+        ("fp8", "ValueError: Unsupported FP8 MoE backend: NONE"),
+    ],
+    ids=["awq-moe", "fp8-moe"],
+)
+def test_no_moe_kernel_here_is_a_platform_limit(module: str, error: str) -> None:
+    """vLLM's MoE kernel oracle finding no kernel for the scheme on this platform (a tiny Qwen3-MoE on a CPU):
+    `unsupported-on-this-platform` with vLLM's reason, not a failed artifact."""
+    from pipeline.vllm.worker import error_result
+
+    captured = "\n".join(PREFIX + line for line in ENGINE_TRACEBACK).format(module=module, error=error)
+    result = error_result(RuntimeError("Engine core initialization failed"), captured, {"timings": {}})
+    assert result["status"] == "unsupported-on-this-platform"
+    assert result["error"] == error
+    loaded = error_result(RuntimeError("x"), captured, {"timings": {"load_s": 3.0}})
+    assert loaded["status"] == "error"  # after loading, a ValueError there is a failure, not a missing kernel

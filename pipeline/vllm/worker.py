@@ -49,8 +49,13 @@ RSS_POLL_S = 0.1
 CAPTURE_LIMIT = 4 << 20  # bytes of recent stderr kept for error analysis
 DRAIN_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
-# vLLM code that rejects a quantization method/scheme/kernel, and its compiled-op wrapper module.
-QUANT_CODE = ("vllm/model_executor/layers/quantization/", "vllm/model_executor/kernels/")
+# vLLM code that rejects a quantization method/scheme/kernel (the MoE kernel oracle too), and its compiled-op
+# wrapper module.
+QUANT_CODE = (
+    "vllm/model_executor/layers/quantization/",
+    "vllm/model_executor/kernels/",
+    "vllm/model_executor/layers/fused_moe/oracle/",
+)
 PLATFORM_CODE = "vllm/platforms/"
 VLLM_OPS_MODULE = "vllm/_custom_ops.py"
 TORCH_OP_CALL = "torch/_ops.py"
