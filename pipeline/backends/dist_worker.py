@@ -62,25 +62,37 @@ def run(request: DistributedRequest) -> dict[str, Any]:
     from pipeline.backends.llmcompressor_backend import Backend
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    start = time.perf_counter()
     model = load_model(request)
     tokenizer = AutoTokenizer.from_pretrained(request.model, trust_remote_code=request.trust_remote_code)
     calibration = load_rank_calibration(request.calibration, rank, world_size)
     backend = Backend()
-    start = time.perf_counter()
+    loaded = time.perf_counter()
     model = backend.quantize(model, tokenizer, calibration, request.quantize, seed=request.seed)
-    quantize_s = time.perf_counter() - start
+    quantized = time.perf_counter()
     compute_dtype = str(model.dtype)
     if request.export_dtype is not None and model.dtype != getattr(torch, request.export_dtype):
         model.to(getattr(torch, request.export_dtype))
     model.save_pretrained(request.output, save_compressed=True)  # every rank joins; only rank 0 writes
     if rank == 0:
         tokenizer.save_pretrained(request.output)
+    mine = {
+        "rank": rank,
+        "load_s": round(loaded - start, 2),
+        "quantize_s": round(quantized - loaded, 2),
+        "save_s": round(time.perf_counter() - quantized, 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+    }
+    ranks: list[Any] = [None] * world_size
+    dist.all_gather_object(ranks, mine)  # rank 0 reports every rank: the slowest and the fullest decide
+    peaks = [r["peak_gpu_gib"] for r in ranks if r["peak_gpu_gib"] is not None]
     return {
         "world_size": world_size,
-        "quantize_s": round(quantize_s, 2),
+        "quantize_s": mine["quantize_s"],
         "compute_dtype": compute_dtype,
         "tuning": backend.tuning.model_dump() if backend.tuning is not None else None,
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peak_gpu_gib": max(peaks) if peaks else None,  # the fullest rank's
+        "ranks": ranks,
     }
 
 

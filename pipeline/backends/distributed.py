@@ -180,6 +180,8 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "samples_per_rank": [len(rank_slice(samples, r, plan.world_size)) for r in range(plan.world_size)],
             "quantize_s": result["quantize_s"],
             "launch_s": result["launch_s"],
+            "ranks": result["ranks"],  # per rank: load_s, quantize_s, save_s, peak_gpu_gib (None on CPU)
+            "peak_gpu_gib": result["peak_gpu_gib"],
             "log": "logs/quantize-torchrun.log",
         },
     }
