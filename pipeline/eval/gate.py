@@ -131,8 +131,7 @@ def paired_recovery(
         raise ValueError("no paired questions to compare")
     draws = np.random.default_rng(SEED).multinomial(n, cells / n, size=resamples)
     boot = _ratio((draws[:, 0] + draws[:, 2]).astype(float), (draws[:, 0] + draws[:, 1]).astype(float))
-    tail = (1 - confidence) / 2
-    low, high = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
+    low, high = interval(boot, confidence)
     point = recovery_ratio(float(cells[0] + cells[1]), float(cells[0] + cells[2]))
     verdict, reason = _decide(low, high, n, min_recovery, min_questions, confidence)
     return PairedRecovery(
@@ -152,17 +151,30 @@ def paired_recovery(
     )
 
 
+def interval(resampled: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap resamples."""
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def interval_verdict(low: float, high: float, limit: float, at_least: bool) -> Verdict:
+    """`passed` when the whole interval is on the right side of `limit` (at or above it when `at_least`, else at or
+    below), `failed` when it is wholly on the wrong side, else `inconclusive`."""
+    right, wrong = (low >= limit, high < limit) if at_least else (high <= limit, low > limit)
+    return "passed" if right else "failed" if wrong else "inconclusive"
+
+
 def _decide(
     low: float, high: float, n: int, min_recovery: float, min_questions: int, confidence: float
 ) -> tuple[Verdict, str]:
-    interval = f"{confidence:.0%} interval {low:.1%}-{high:.1%}"
+    shown = f"{confidence:.0%} interval {low:.1%}-{high:.1%}"
     if n < min_questions:
-        return "inconclusive", f"n = {n} questions < eval.min_questions {min_questions} ({interval})"
-    if low >= min_recovery:
-        return "passed", f"{interval} at or above {min_recovery:.0%} (n = {n})"
-    if high < min_recovery:
-        return "failed", f"{interval} below {min_recovery:.0%} (n = {n})"
-    return "inconclusive", f"{interval} straddles {min_recovery:.0%} (n = {n}); evaluate more questions"
+        return "inconclusive", f"n = {n} questions < eval.min_questions {min_questions} ({shown})"
+    verdict = interval_verdict(low, high, min_recovery, at_least=True)
+    side = {"passed": "at or above", "failed": "below", "inconclusive": "straddles"}[verdict]
+    advice = "; evaluate more questions" if verdict == "inconclusive" else ""
+    return verdict, f"{shown} {side} {min_recovery:.0%} (n = {n}){advice}"
 
 
 class TokenCheck(BaseModel):
@@ -202,33 +214,30 @@ def token_check(
             f"per-text figures differ in length or hold no tokens: {kl_sums.size}, {agree.size}, {counts.size}"
         )
     picks = np.random.default_rng(SEED).integers(0, counts.size, size=(resamples, counts.size))
-    tail = (1 - confidence) / 2
-    kl_low, kl_high = np.quantile(kl_sums[picks].sum(1) / counts[picks].sum(1), [tail, 1 - tail])
-    top1_low, top1_high = np.quantile(agree[picks].sum(1) / counts[picks].sum(1), [tail, 1 - tail])
+    kl_low, kl_high = interval(kl_sums[picks].sum(1) / counts[picks].sum(1), confidence)
+    top1_low, top1_high = interval(agree[picks].sum(1) / counts[picks].sum(1), confidence)
     kl_mean, top1_mean = kl_sums.sum() / counts.sum(), agree.sum() / counts.sum()
-    interval = (
-        f"KL {kl_low:.4f}-{kl_high:.4f} (max {max_kl:g}), top-1 {top1_low:.1%}-{top1_high:.1%} (min {min_top1:.0%})"
+    shown = f"KL {kl_low:.4f}-{kl_high:.4f} (max {max_kl:g}), top-1 {top1_low:.1%}-{top1_high:.1%} (min {min_top1:.0%})"
+    verdict = combine(
+        [
+            interval_verdict(kl_low, kl_high, max_kl, at_least=False),
+            interval_verdict(top1_low, top1_high, min_top1, at_least=True),
+        ]
     )
-    if kl_low > max_kl or top1_high < min_top1:
-        verdict: Verdict = "failed"
-    elif kl_high <= max_kl and top1_low >= min_top1:
-        verdict = "passed"
-    else:
-        verdict = "inconclusive"
     return TokenCheck(
         texts=int(counts.size),
         tokens=int(counts.sum()),
         kl_mean=float(kl_mean),
-        kl_low=float(kl_low),
-        kl_high=float(kl_high),
+        kl_low=kl_low,
+        kl_high=kl_high,
         max_kl=max_kl,
         top1=float(top1_mean),
-        top1_low=float(top1_low),
-        top1_high=float(top1_high),
+        top1_low=top1_low,
+        top1_high=top1_high,
         min_top1=min_top1,
         confidence=confidence,
         verdict=verdict,
-        reason=f"{confidence:.0%} intervals: {interval}",
+        reason=f"{confidence:.0%} intervals: {shown}",
     )
 
 

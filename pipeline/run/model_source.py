@@ -98,12 +98,12 @@ def resolve_model(spec: ModelSpec) -> ModelSource:
 
         return ModelSource("demo", DEMO_MODEL_NAME, ensure_demo_model(), None)
     check_model_reference(spec)
-    if _looks_local(spec.id) and not spec.modelscope:
-        return ModelSource("local", spec.id, Path(spec.id).expanduser().resolve(), None)  # checked above
     if spec.modelscope:
         repo = spec.repo_id or ""
         path = _download_modelscope(repo, spec.revision, spec.trust_remote_code)
         source = ModelSource("modelscope", f"{MODELSCOPE_PREFIX}{repo}", path, spec.revision)
+    elif _looks_local(spec.id):
+        return ModelSource("local", spec.id, Path(spec.id).expanduser().resolve(), None)  # checked above
     else:
         source = ModelSource("hub", spec.id, _download(spec.id, spec.revision, spec.trust_remote_code), spec.revision)
     check_architecture(source.identity, source.path / "config.json", spec.trust_remote_code)
