@@ -4,9 +4,14 @@
 #   bash bench/gpu-e2e.sh setup               main env from .whl/main, MMLU from .carry/mmlu.tar.gz, the checkpoint
 #   bash bench/gpu-e2e.sh piece               keep the .whl/vllm/site.tar.xz.part-* carried in this call
 #   bash bench/gpu-e2e.sh vllm                reassemble the vLLM site dir and link it as qpipe's vLLM env
+#   bash bench/gpu-e2e.sh corpus              $ROOT/mmlu-text.jsonl: the MMLU test questions as calibration
+#                                             text (about 1 M tokens: enough for 128 packed x 2048-token samples)
 #   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint (RUN_ARGS: more options, e.g.
-#                                             "--set smoke.serve_check=true"; RUN_TAG names its tarball);
-#                                             reports into $OUT
+#                                             "--set smoke.serve_check=true"; RUN_TAG names its tarball and
+#                                             remembers its run directory; DATASET: calibration text, default
+#                                             the bundled corpus); reports into $OUT
+#   bash bench/gpu-e2e.sh int4 TAG_A TAG_B    per-module int4 code histograms of two tagged runs' artifacts and
+#                                             the share of equal codes (pipeline/bench/int4.py) into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
 #                                             checkpoint unless SERVE_ARGS has --no-base); figures into $OUT
 # Several subcommands may follow each other in one call: `bash bench/gpu-e2e.sh setup run gptq calibrate,...,eval`.
@@ -25,6 +30,7 @@ export QPIPE_CACHE=$ROOT/cache QPIPE_VLLM_ENV=$ROOT/vllm-env
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export NCCL_NVLS_ENABLE=0
 EVAL_LIMIT=${EVAL_LIMIT:-5}        # MMLU questions per subject (57 subjects)
+DATASET=${DATASET:-calibration/demo-calibration.jsonl}
 
 qpipe() { "$QENV/bin/python" -m pipeline.cli "$@"; }
 
@@ -56,6 +62,18 @@ setup() {
   du -sh "$CKPT"
 }
 
+corpus() {
+  "$QENV/bin/python" - "$ROOT/mmlu/test" "$ROOT/mmlu-text.jsonl" <<'PY'
+import csv, json, pathlib, sys
+rows = [r for f in sorted(pathlib.Path(sys.argv[1]).glob("*.csv")) for r in csv.reader(f.open(encoding="utf-8"))]
+with open(sys.argv[2], "w", encoding="utf-8") as out:
+    for q, *choices, answer in rows:
+        text = q + "\n" + "\n".join(f"{k}. {c}" for k, c in zip("ABCD", choices)) + f"\nAnswer: {answer}"
+        out.write(json.dumps({"text": text}) + "\n")
+print(f"{len(rows)} questions -> {sys.argv[2]}")
+PY
+}
+
 piece() {
   mkdir -p "$PIECES"
   cp -v .whl/vllm/site.tar.xz.part-* .whl/vllm/SHA256SUMS "$PIECES"/ 2>/dev/null || true
@@ -77,13 +95,20 @@ run() {
   mkdir -p "$OUT"
   # shellcheck disable=SC2086
   timed qpipe run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
-    --set calibrate.dataset=calibration/demo-calibration.jsonl --set eval.mmlu_dir="$ROOT/mmlu" \
+    --set calibrate.dataset="$DATASET" --set eval.mmlu_dir="$ROOT/mmlu" \
     --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 ${RUN_ARGS:-} || status=$?
   local dir
   dir=$(ls -td "$ART"/*/"$recipe"-* 2>/dev/null | head -1) || true  # the newest: RUN_ARGS may change the hash
+  [ -z "${RUN_TAG:-}" ] || echo "$dir" >"$ROOT/run-$RUN_TAG"
   tar -czf "$OUT/$recipe${RUN_TAG:+-$RUN_TAG}-run.tar.gz" -C "$dir" manifest.json recipe.yaml reports logs model/README.md \
     model/config.json 2>/dev/null || true
   echo "qpipe run $recipe exit $status"
+}
+
+int4() {
+  mkdir -p "$OUT"
+  "$QENV/bin/python" -m pipeline.bench.int4 "$(cat "$ROOT/run-$1")/model" "$(cat "$ROOT/run-$2")/model" \
+    --out "$OUT/int4-$1-vs-$2.json"
 }
 
 serve() {
@@ -99,7 +124,8 @@ serve() {
 
 while [ $# -gt 0 ]; do
   case $1 in
-    setup | piece | vllm) "$1"; shift ;;
+    setup | corpus | piece | vllm) "$1"; shift ;;
+    int4) int4 "$2" "$3"; shift 3 ;;
     serve) serve "$2"; shift 2 ;;
     run)
       if [ $# -ge 3 ] && [[ $3 == *,* ]]; then run "$2" "$3"; shift 3; else run "$2"; shift 2; fi ;;

@@ -21,6 +21,8 @@ from pipeline.backends.tuning import (
     fast_accumulate_hessian,
     fused_causal_attention,
     is_causal_mask,
+    loaded_weight_bytes,
+    model_placement,
     oneshot_overrides,
     plan_tuning,
     tuned_engine,
@@ -76,6 +78,33 @@ def test_plan_keeps_batch_one_for_static_activations_and_honours_explicit_batch(
     assert plan_tuning(MODEL_8B, [512] * 64, static, free_bytes=63 * GIB).batch_size == 1
     explicit = GPTQ.model_copy(update={"batch_size": 4})
     assert plan_tuning(MODEL_8B, [2048] * 128, explicit, free_bytes=63 * GIB).batch_size == 4
+
+
+def test_placement_keeps_a_fitting_model_on_the_gpu(fake_gpu: None) -> None:
+    config = MODEL_8B.config
+    on_gpu = model_placement(config, 16 * GIB, GPTQ, free_bytes=139 * GIB)
+    assert (on_gpu.device, on_gpu.weights_gib, on_gpu.free_gib) == ("cuda", 16.0, 139.0)
+    # the same weights beside too little room for the largest batch and the Hessians: onloaded per layer
+    assert model_placement(config, 16 * GIB, GPTQ, free_bytes=20 * GIB).device == "cpu"
+    assert model_placement(config, 140 * GIB, GPTQ, free_bytes=139 * GIB).device == "cpu"  # a 70B in bf16
+    off = GPTQ.model_copy(update={"tuning": "off"})
+    assert model_placement(config, 16 * GIB, off, free_bytes=139 * GIB).device == "cpu"
+
+
+def test_placement_is_host_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    placement = model_placement(MODEL_8B.config, 1, GPTQ)
+    assert placement.device == "cpu" and "no CUDA GPU" in placement.reason
+
+
+def test_loaded_weight_bytes_scales_with_the_compute_dtype(tmp_path: Path) -> None:
+    (tmp_path / "model-00001.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "model-00002.safetensors").write_bytes(b"x" * 500)
+    (tmp_path / "config.json").write_text("{}")
+    config = SimpleNamespace(dtype=torch.bfloat16)
+    assert loaded_weight_bytes(tmp_path, config, "auto") == 1500
+    assert loaded_weight_bytes(tmp_path, config, "float32") == 3000
+    assert loaded_weight_bytes(tmp_path, config, "bfloat16") == 1500
 
 
 def test_equal_length_batches_never_mix_lengths() -> None:

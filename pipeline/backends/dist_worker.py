@@ -2,8 +2,9 @@
 
 ``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.backends.dist_worker REQUEST.json``
 
-Every rank joins the process group (NCCL on GPUs, gloo on CPU), loads the model through llm-compressor's
-offloaded loading (rank 0 reads the weights, the other ranks share them through host memory), calibrates
+Every rank joins the process group (NCCL on GPUs, gloo on CPU), loads the model (onto its own GPU when it
+fits there; otherwise through llm-compressor's offloaded loading: rank 0 reads the weights, the other ranks
+share them through host memory), calibrates
 on its contiguous slice of the calibration set and takes part in saving; rank 0 writes the model, the
 tokenizer and a JSON result.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.backends.distributed import DistributedRequest, rank_slice
+from pipeline.backends.tuning import Placement, placement_for
 
 
 def init_process_group() -> None:
@@ -32,18 +35,23 @@ def init_process_group() -> None:
         dist.init_process_group(backend="gloo")
 
 
-def load_model(request: DistributedRequest) -> Any:
-    """The model, loaded once on rank 0 and shared with the other ranks (CPU-offloaded, onloaded per layer)."""
+def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
+    """Where it fits (`placement_for`), every rank loads the whole model onto its own GPU, reading the files
+    side by side; otherwise rank 0 loads it once on the host and the ranks share it (onloaded per layer)."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
+    placement = placement_for(request.model, request.quantize, request.dtype, request.trust_remote_code)
+    load = partial(
+        AutoModelForCausalLM.from_pretrained,
+        request.model,
+        dtype=request.dtype,
+        trust_remote_code=request.trust_remote_code,
+    )
+    if placement.device == "cuda":
+        return placement, load(device_map=f"cuda:{torch.cuda.current_device()}")
     with load_offloaded_model(extra_cpu_mem=request.reserve_cpu_bytes):
-        return AutoModelForCausalLM.from_pretrained(
-            request.model,
-            dtype=request.dtype,
-            device_map="auto_offload",
-            trust_remote_code=request.trust_remote_code,
-        )
+        return placement, load(device_map="auto_offload")
 
 
 def load_rank_calibration(path: str, rank: int, world_size: int) -> Any:
@@ -63,7 +71,7 @@ def run(request: DistributedRequest) -> dict[str, Any]:
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     start = time.perf_counter()
-    model = load_model(request)
+    placement, model = load_model(request)
     tokenizer = AutoTokenizer.from_pretrained(request.model, trust_remote_code=request.trust_remote_code)
     calibration = load_rank_calibration(request.calibration, rank, world_size)
     backend = Backend()
@@ -91,6 +99,7 @@ def run(request: DistributedRequest) -> dict[str, Any]:
         "quantize_s": mine["quantize_s"],
         "compute_dtype": compute_dtype,
         "tuning": backend.tuning.model_dump() if backend.tuning is not None else None,
+        "placement": placement.model_dump(),
         "peak_gpu_gib": max(peaks) if peaks else None,  # the fullest rank's
         "ranks": ranks,
     }

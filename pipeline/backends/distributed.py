@@ -163,8 +163,9 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
     plan, result = launch_quantize(request, work, spec.num_gpus, ctx.logs_dir / "quantize-torchrun.log")
     ctx.state.update(saved_dir=work / "model", work_dir=work)
     describe = get_backend(spec.backend).describe(spec)
-    if result.get("tuning") is not None:
-        describe["tuning"] = result["tuning"]
+    for key in ("placement", "tuning"):
+        if result.get(key) is not None:
+            describe[key] = result[key]
     return {
         "backend": spec.backend,
         "method": spec.method,

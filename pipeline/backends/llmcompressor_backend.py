@@ -9,7 +9,14 @@ from typing import Any
 import torch
 
 from pipeline.backends import patches
-from pipeline.backends.tuning import TuningPlan, oneshot_overrides, plan_tuning, tuned_engine
+from pipeline.backends.tuning import (
+    Placement,
+    TuningPlan,
+    oneshot_overrides,
+    placement_for,
+    plan_tuning,
+    tuned_engine,
+)
 from pipeline.recipe.schema import QuantizeSpec
 
 
@@ -60,15 +67,21 @@ class Backend:
 
     def __init__(self) -> None:
         self.tuning: TuningPlan | None = None  # the plan of the last `quantize` call
+        self.placement: Placement | None = None  # where the last `load` put the weights
 
     def load(self, path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
+        """On the GPU when `placement_for` says the model fits there, else on the host (onloaded per layer)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.placement = placement_for(path, spec, dtype, trust_remote_code)
+        where = {"device_map": "cuda"} if self.placement.device == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **where)
         return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
     def describe(self, spec: QuantizeSpec) -> dict[str, Any]:
         info = {"modifiers": [type(m).__name__ for m in build_modifiers(spec)], "format": "compressed-tensors"}
+        if self.placement is not None:
+            info["placement"] = self.placement.model_dump()
         if self.tuning is not None:
             info["tuning"] = self.tuning.model_dump()
         return info

@@ -2,6 +2,9 @@
 
 With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantize stage:
 
+* loads the whole model onto the GPU when its weights fit beside the most calibration can need
+  (``model_placement``), so the sequential pipeline's per-layer onloading copies nothing and the host never
+  holds the weights; a model that does not fit is loaded on the host and onloaded layer by layer as before;
 * batches calibration samples of equal length (``batch_size`` from the token budget below). Batches are
   formed only from samples of identical length, so no token is truncated or padded away: GPTQ's Hessian,
   AWQ's activation means and losses see exactly the token set of batch size 1, summed in another order;
@@ -24,6 +27,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +81,60 @@ def hessian_bytes(config: Any) -> int:
     """The largest GPTQ Hessian, its XᵀX product and the solve's working copy (fp32)."""
     width = max(config.hidden_size, config.intermediate_size)
     return 3 * 4 * width * width
+
+
+class Placement(BaseModel):
+    """Where the backend loads the model's weights, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device: str  # "cuda" (the whole model resident) or "cpu" (onloaded layer by layer)
+    reason: str
+    weights_gib: float | None = None
+    free_gib: float | None = None
+
+
+def loaded_weight_bytes(path: Path, config: Any, dtype: str) -> int:
+    """Bytes the checkpoint's weights take once loaded in `dtype`: its weight files (safetensors' headers are
+    a rounding error), rescaled when `dtype` is not the stored one."""
+    stored = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(path).glob(pattern))
+    stored_dtype = getattr(config, "dtype", None)
+    if dtype == "auto" or not isinstance(stored_dtype, torch.dtype):
+        return stored
+    return stored * getattr(torch, dtype).itemsize // stored_dtype.itemsize
+
+
+def calibration_headroom(config: Any, method: str) -> int:
+    """The most the tuned path's calibration can need beside resident weights: the largest batch it forms,
+    GPTQ's Hessians and the reserve. The activation cache is not counted: the plan moves it to the host
+    when it does not fit."""
+    fixed = hessian_bytes(config) if method == "gptq" else 0
+    return fixed + MAX_BATCH_TOKENS * layer_bytes_per_token(config) + RESERVED_BYTES
+
+
+def model_placement(config: Any, weight_bytes: int, spec: QuantizeSpec, *, free_bytes: int | None = None) -> Placement:
+    """`cuda` when the tuned path is on and the weights fit the GPU beside `calibration_headroom`, else `cpu`."""
+    if spec.tuning == "off":
+        return Placement(device="cpu", reason="quantize.tuning is off")
+    if not torch.cuda.is_available():
+        return Placement(device="cpu", reason="no CUDA GPU")
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info()
+    fits = weight_bytes + calibration_headroom(config, spec.method) <= free_bytes * MEMORY_FRACTION
+    return Placement(
+        device="cuda" if fits else "cpu",
+        reason="weights fit the GPU beside calibration" if fits else "weights do not fit the GPU beside calibration",
+        weights_gib=round(weight_bytes / GIB, 1),
+        free_gib=round(free_bytes / GIB, 1),
+    )
+
+
+def placement_for(path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> Placement:
+    """`model_placement` for the checkpoint at `path` loaded in `dtype`, read from its config and file sizes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model_placement(config, loaded_weight_bytes(path, config, dtype), spec)
 
 
 def plan_tuning(
