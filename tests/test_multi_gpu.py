@@ -312,6 +312,19 @@ def test_two_rank_gloo_gptq_matches_single_process(
     assert torch.isfinite(logits).all()
 
 
+def test_distributed_awq_ranks_keep_the_shared_host_copy() -> None:
+    """GPU-resident AWQ ranks hung at save on 2 H200s; GPTQ ranks load onto their GPUs, host placements stay."""
+    from pipeline.backends.dist_worker import rank_placement
+    from pipeline.backends.tuning import Placement
+
+    on_gpu = Placement(device="cuda", reason="weights fit the GPU beside calibration", weights_gib=15.3)
+    assert rank_placement(on_gpu, "gptq") == on_gpu
+    awq = rank_placement(on_gpu, "awq")
+    assert awq.device == "cpu" and "AWQ" in awq.reason and awq.weights_gib == 15.3
+    host = Placement(device="cpu", reason="no CUDA GPU")
+    assert rank_placement(host, "awq") == host
+
+
 def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.bench.benchmark import run_bench
     from pipeline.cli import build_parser

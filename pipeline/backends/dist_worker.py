@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +34,33 @@ def init_process_group() -> None:
         dist.init_process_group(backend="gloo")
 
 
+def rank_placement(placement: Placement, method: str) -> Placement:
+    """`placement` for one rank of a distributed run. AWQ stays on the host: with every rank holding the model on
+    its GPU, compressed-tensors 0.19's parallel compression at save hung (2 H200s, llm-compressor 0.14; GPTQ
+    saved), while AWQ ranks sharing the host copy save."""
+    if placement.device == "cuda" and method == "awq":
+        reason = "distributed AWQ: GPU-resident ranks hang at save; the ranks share the host copy"
+        return placement.model_copy(update={"device": "cpu", "reason": reason})
+    return placement
+
+
 def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
     """Where it fits (`placement_for`), every rank loads the whole model onto its own GPU, reading the files
     side by side; otherwise rank 0 loads it once on the host and the ranks share it (onloaded per layer)."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
-    placement = placement_for(request.model, request.quantize, request.dtype, request.trust_remote_code)
-    load = partial(
-        AutoModelForCausalLM.from_pretrained,
-        request.model,
-        dtype=request.dtype,
-        trust_remote_code=request.trust_remote_code,
+    placement = rank_placement(
+        placement_for(request.model, request.quantize, request.dtype, request.trust_remote_code),
+        request.quantize.method,
     )
+    args = {"dtype": request.dtype, "trust_remote_code": request.trust_remote_code}
     if placement.device == "cuda":
-        return placement, load(device_map=f"cuda:{torch.cuda.current_device()}")
+        device = f"cuda:{torch.cuda.current_device()}"
+        return placement, AutoModelForCausalLM.from_pretrained(request.model, device_map=device, **args)
+    # the context swaps `from_pretrained` for its shared loading: look it up inside
     with load_offloaded_model(extra_cpu_mem=request.reserve_cpu_bytes):
-        return placement, load(device_map="auto_offload")
+        return placement, AutoModelForCausalLM.from_pretrained(request.model, device_map="auto_offload", **args)
 
 
 def load_rank_calibration(path: str, rank: int, world_size: int) -> Any:
