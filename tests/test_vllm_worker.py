@@ -102,3 +102,34 @@ def test_no_moe_kernel_here_is_a_platform_limit(module: str, error: str) -> None
     assert result["error"] == error
     loaded = error_result(RuntimeError("x"), captured, {"timings": {"load_s": 3.0}})
     assert loaded["status"] == "error"  # after loading, a ValueError there is a failure, not a missing kernel
+
+
+def test_vllm_eval_without_lm_eval_names_the_environment_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vLLM environment without lm-eval (a linked site directory holds only vLLM) is one line with the fix,
+    not the child's bare ModuleNotFoundError."""
+    import json
+    import venv
+
+    from pipeline.errors import StageFailed
+    from pipeline.recipe.load import load_recipe
+    from pipeline.vllm import environment, evaluation
+
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)  # an interpreter with no packages at all
+    monkeypatch.setattr(environment, "vllm_python", lambda spec: bare / "bin" / "python")
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"max_position_embeddings": 512, "num_hidden_layers": 2, "num_attention_heads": 4}
+    (model / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2, "hidden_size": 128}))
+    recipe, _ = load_recipe("gptq", ["eval.backend=vllm"])
+    request = {
+        "model_path": str(model), "tasks": ["mmlu"], "num_fewshot": 0, "limit": 1, "batch_size": 1,
+        "device": "cpu", "include_path": None, "backend": "vllm",
+    }  # fmt: skip
+    with pytest.raises(StageFailed) as failed:
+        evaluation.run_in_vllm_env(request, recipe, tmp_path / "eval.log")
+    message = str(failed.value)
+    assert "has no lm-eval" in message and str(bare) in message and "eval.backend: hf" in message
+    assert "\n" not in message

@@ -40,7 +40,7 @@ def engine_args(recipe: Recipe, model_dir: Path) -> dict[str, Any]:
 
 def run_in_vllm_env(request: dict[str, Any], recipe: Recipe, log_file: Path) -> dict[str, Any]:
     """Run lm-eval on `request["model_path"]` in the vLLM environment; its errors become StageFailed."""
-    from pipeline.vllm.environment import vllm_python
+    from pipeline.vllm.environment import EVAL_PACKAGE, vllm_python
 
     python = vllm_python(recipe.smoke)
     include = request["include_path"]
@@ -60,6 +60,12 @@ def run_in_vllm_env(request: dict[str, Any], recipe: Recipe, log_file: Path) -> 
         "eval.timeout_s",
         env,
     )
+    if result is not None and result.get("missing") == "lm_eval":
+        raise StageFailed(
+            f"eval.backend: vllm runs lm-eval in the vLLM environment, and {python} has no lm-eval; install "
+            f"{EVAL_PACKAGE} there (for a linked site directory: pip install --target SITE {EVAL_PACKAGE}) "
+            "or set eval.backend: hf"
+        )
     if result is None or "error" in result:
         reason = result["error"] if result else f"exit {code} without a result"
         raise StageFailed(f"{what} failed: {reason}; log: {log_file}")
