@@ -89,6 +89,10 @@ def test_placement_keeps_a_fitting_model_on_the_gpu(fake_gpu: None) -> None:
     assert model_placement(config, 140 * GIB, GPTQ, free_bytes=139 * GIB).device == "cpu"  # a 70B in bf16
     off = GPTQ.model_copy(update={"tuning": "off"})
     assert model_placement(config, 16 * GIB, off, free_bytes=139 * GIB).device == "cpu"
+    data_free = QuantizeSpec(method="rtn", scheme="FP8_DYNAMIC")
+    assert model_placement(config, 16 * GIB, data_free, free_bytes=139 * GIB).device == "cpu"
+    static = QuantizeSpec(method="rtn", scheme="FP8")  # static activations calibrate
+    assert model_placement(config, 16 * GIB, static, free_bytes=139 * GIB).device == "cuda"
 
 
 def test_placement_is_host_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.backends import patches
-from pipeline.formats import SCHEMES
+from pipeline.formats import SCHEMES, needs_calibration
 from pipeline.recipe.schema import QuantizeSpec
 
 GIB = 2**30
@@ -113,11 +113,14 @@ def calibration_headroom(config: Any, method: str) -> int:
 
 
 def model_placement(config: Any, weight_bytes: int, spec: QuantizeSpec, *, free_bytes: int | None = None) -> Placement:
-    """`cuda` when the tuned path is on and the weights fit the GPU beside `calibration_headroom`, else `cpu`."""
+    """`cuda` when the tuned path is on, the recipe calibrates (the forward passes that onloading slows) and the
+    weights fit the GPU beside `calibration_headroom`; else `cpu`."""
     if spec.tuning == "off":
         return Placement(device="cpu", reason="quantize.tuning is off")
     if not torch.cuda.is_available():
         return Placement(device="cpu", reason="no CUDA GPU")
+    if not needs_calibration(spec.method, SCHEMES[spec.scheme], spec.smoothquant_strength is not None):
+        return Placement(device="cpu", reason="data-free: the engine visits each layer once")
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info()
     fits = weight_bytes + calibration_headroom(config, spec.method) <= free_bytes * MEMORY_FRACTION
