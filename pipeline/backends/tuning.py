@@ -2,9 +2,9 @@
 
 With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantize stage:
 
-* loads the whole model onto the GPU when its weights fit beside the most calibration can need
-  (``model_placement``), so the sequential pipeline's per-layer onloading copies nothing and the host never
-  holds the weights; a model that does not fit is loaded on the host and onloaded layer by layer as before;
+* loads the whole model onto the GPU when the recipe calibrates and the weights fit beside the most
+  calibration can need (``model_placement``), so the sequential pipeline's per-layer onloading copies
+  nothing; otherwise the model is loaded on the host and onloaded layer by layer as before;
 * batches calibration samples of equal length (``batch_size`` from the token budget below). Batches are
   formed only from samples of identical length, so no token is truncated or padded away: GPTQ's Hessian,
   AWQ's activation means and losses see exactly the token set of batch size 1, summed in another order;
