@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.backends import check_backend
 from pipeline.errors import PipelineError
-from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES
+from pipeline.formats import DEFAULT_GROUP_SIZE, SCHEMES, FormatInfo
 from pipeline.paths import bundled
 from pipeline.recipe.load import resolve_data_path
 from pipeline.recipe.schema import DEMO_CALIBRATION, DEMO_MMLU, REAL_MODEL_DATA, Recipe
@@ -121,11 +121,26 @@ def demo_data_warnings(recipe: Recipe) -> list[str]:
     return warnings
 
 
+def check_parallel_eval(recipe: Recipe, fmt: FormatInfo) -> None:
+    """lm-eval's hf backend splits a model over GPUs with accelerate's dispatch hooks, and compressed-tensors 0.19
+    removes the model's own hook while decompressing a checkpoint on load: the first forward then fails
+    (`'...ForCausalLM' object has no attribute '_hf_hook'`; seen on two H200s, reproduced on CPU by
+    tests/test_multi_gpu.py). Stopping here saves the run that would fail after the baseline's eval."""
+    spec = recipe.eval
+    if spec.enabled and spec.backend == "hf" and spec.tensor_parallel_size > 1 and not fmt.native:
+        raise PipelineError(
+            "eval.tensor_parallel_size: the hf backend cannot split a compressed-tensors checkpoint over GPUs "
+            "(decompressing it on load removes accelerate's dispatch hook); set eval.backend: vllm or "
+            "eval.tensor_parallel_size: 1"
+        )
+
+
 def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
     """Raise PipelineError on the first problem; log demo-data warnings; return facts for the user."""
     info = check_backend(recipe.quantize)
     check_model_reference(recipe.model)
     check_group_size(recipe)
+    check_parallel_eval(recipe, info.output_format(recipe.quantize.method))
     facts = [
         f"backend {info.name} writes {info.output_format(recipe.quantize.method).name}",
         calibration_fact(recipe),

@@ -232,6 +232,45 @@ def test_eval_on_several_gpus_uses_lm_eval_parallelize() -> None:
     assert model_args("m", "auto", 2) == {"pretrained": "m", "dtype": "auto", "parallelize": True}
 
 
+def test_hf_eval_over_several_gpus_of_a_compressed_checkpoint_stops_at_validate() -> None:
+    from pipeline.validate import validate_recipe
+
+    recipe, _ = load_recipe("gptq", ["eval.tensor_parallel_size=2"])
+    with pytest.raises(PipelineError, match=r"^eval.tensor_parallel_size: .*set eval.backend: vllm"):
+        validate_recipe(recipe)
+    for fine in (
+        ["eval.tensor_parallel_size=2", "eval.backend=vllm"],
+        ["eval.tensor_parallel_size=2", "eval.enabled=false"],
+    ):
+        validate_recipe(load_recipe("gptq", fine)[0])
+
+
+def test_dispatched_compressed_checkpoint_loses_its_hook_upstream(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Why validate stops hf eval over several GPUs: loading a compressed-tensors checkpoint with a device map
+    that makes accelerate dispatch it (here CPU + disk; GPUs on two H200s) leaves a model whose first forward
+    fails. The bf16 checkpoint loads and runs the same way. When this starts passing the forward, upstream is
+    fixed and `check_parallel_eval` can go."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    def dispatched(path: Path) -> Any:
+        layers = {f"model.layers.{i}": "cpu" for i in range(2)}
+        device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", **layers}
+        return AutoModelForCausalLM.from_pretrained(
+            path, device_map={**device_map, "lm_head": "disk"}, offload_folder=str(tmp_path / "offload")
+        )
+
+    tokens = torch.tensor([[1, 2, 3]])
+    assert dispatched(tiny_model_dir)(tokens).logits.shape[-1] > 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])])
+    model.save_pretrained(tmp_path / "compressed", save_compressed=True)
+    compressed = dispatched(tmp_path / "compressed")  # loads and decompresses without complaint
+    with pytest.raises(AttributeError, match="_hf_hook"):
+        compressed(tokens)
+
+
 def _config_dir(tmp_path: Path, name: str, **config: int) -> Path:
     folder = tmp_path / name
     folder.mkdir()

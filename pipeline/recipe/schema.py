@@ -197,7 +197,9 @@ class EvalSpec(Strict):
     max_kl: float | None = Field(None, gt=0, description="Token gate: most mean KL(base||quant), nats/token.")
     min_top1: float | None = Field(None, gt=0, le=1, description="Token gate: least top-1 agreement.")
     tensor_parallel_size: PositiveInt = Field(
-        1, description="GPUs per evaluated model; hf backend: >1 splits its layers over the visible GPUs."
+        1,
+        description="GPUs per evaluated model; vllm backend: tensor parallel; hf backend: >1 splits its layers over "
+        "the visible GPUs (not for compressed-tensors checkpoints).",
     )
 
 
