@@ -31,6 +31,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHO
 export NCCL_NVLS_ENABLE=0
 EVAL_LIMIT=${EVAL_LIMIT:-5}        # MMLU questions per subject (57 subjects)
 DATASET=${DATASET:-calibration/demo-calibration.jsonl}
+# main-env wheels that must not shadow the vLLM site's own (compressed-tensors 0.17, its pydantic, loguru)
+NOT_FOR_VLLM='/(auto_round|compressed_tensors|llmcompressor|loguru|pydantic|pydantic_core|annotated_types|typing_inspection)-'
 
 qpipe() { "$QENV/bin/python" -m pipeline.cli "$@"; }
 
@@ -51,6 +53,9 @@ setup() {
     "$SYSPY" -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
       >"$site/image-site.pth"
     "$SYSPY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/main/*.whl
+    # lm-eval and what it needs beyond the image, kept for the vLLM site (`vllm` below): not llm-compressor's
+    mkdir -p "$ROOT/lm-eval-wheels"
+    find .whl/main -name '*.whl' | grep -vE "$NOT_FOR_VLLM" | xargs cp -t "$ROOT/lm-eval-wheels"
   fi
   if [ ! -d "$ROOT/mmlu/test" ]; then
     mkdir -p "$ROOT/mmlu" && tar -xzf .carry/mmlu.tar.gz -C "$ROOT/mmlu"
@@ -86,6 +91,8 @@ vllm() {
     (cd "$PIECES" && cat site.tar.xz.part-* >site.tar.xz && sha256sum -c SHA256SUMS)
     mkdir -p "$SITE" && xz -d -T0 <"$PIECES/site.tar.xz" | tar -x -C "$SITE"
     rm -f "$PIECES/site.tar.xz"
+    # `eval.backend: vllm` runs lm-eval in this env; the site archive holds only vLLM (not yet run on a GPU)
+    "$SYSPY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ROOT"/lm-eval-wheels/*.whl
   fi
   qpipe vllm-env --site "$SITE" --python "$SYSPY"
 }
