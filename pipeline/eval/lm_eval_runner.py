@@ -202,14 +202,13 @@ def main(argv: list[str]) -> int:
     request["include_path"] = Path(request["include_path"]) if request.get("include_path") else None
     try:
         outcome = run_lm_eval(**request)
-    except ModuleNotFoundError as exc:
-        # reported with the module's name, so the parent can say which environment lacks which package
-        outcome = {"error": f"ModuleNotFoundError: {exc}", "missing": exc.name}
     except Exception as exc:  # reported to the parent as one line; the traceback stays in the log
         import traceback
 
         traceback.print_exc()
         outcome = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        if isinstance(exc, ModuleNotFoundError):  # the parent says which environment lacks which package
+            outcome["missing"] = exc.name
     Path(argv[1]).write_text(json.dumps(outcome))
     return 1 if "error" in outcome else 0
 
