@@ -73,11 +73,10 @@ def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]
 
     from pipeline.stages.calibrate import calibration_fingerprint
     from pipeline.stages.evaluate import gate_limits
-    from pipeline.stages.quantize import recipe_needs_calibration
 
     versions = library_versions()
     calib = None
-    if recipe_needs_calibration(recipe):
+    if recipe.quantize.calibrates:
         tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=recipe.model.trust_remote_code)
         calib = calibration_fingerprint(recipe, tokenizer)
     engine = {k: versions.get(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors", "gptqmodel")}

@@ -16,7 +16,6 @@ from pipeline.recipe.schema import DEMO_CALIBRATION, DEMO_MMLU, REAL_MODEL_DATA,
 from pipeline.run.context import LOGGER_NAME
 from pipeline.run.model_source import check_model_reference, linear_in_features
 from pipeline.run.text_data import dataset_identity
-from pipeline.stages.quantize import recipe_needs_calibration
 
 log = logging.getLogger(LOGGER_NAME)
 DEMO_DATA_DIR = bundled(DEMO_CALIBRATION).parent
@@ -65,7 +64,7 @@ def check_output_dir(path: Path) -> None:
 def calibration_fact(recipe: Recipe) -> str:
     """Which calibration data the run will use, so a wrong source shows before a long run."""
     spec = recipe.calibrate
-    if not recipe_needs_calibration(recipe):
+    if not recipe.quantize.calibrates:
         return f"calibration: not needed for {recipe.quantize.method} {recipe.quantize.scheme}"
     files = dataset_identity(spec).get("files")
     if files:
@@ -108,7 +107,7 @@ def demo_data_warnings(recipe: Recipe) -> list[str]:
     model, warnings = recipe.model.id, []
     if model is None:
         return warnings
-    if recipe_needs_calibration(recipe) and _is_demo_corpus(recipe.calibrate.dataset):
+    if recipe.quantize.calibrates and _is_demo_corpus(recipe.calibrate.dataset):
         warnings.append(
             f"calibrate.dataset: {recipe.calibrate.dataset} is the demo model's small corpus, not data for {model}; "
             f"remove it to calibrate on {REAL_MODEL_DATA['calibrate']['dataset']} or set your own data"

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.backends import patches
-from pipeline.formats import SCHEMES, needs_calibration
+from pipeline.formats import SCHEMES
 from pipeline.recipe.schema import QuantizeSpec
 
 GIB = 2**30
@@ -77,10 +77,17 @@ def cache_bytes(config: Any, total_tokens: int, method: str) -> int:
     return 2 * total_tokens * width
 
 
-def hessian_bytes(config: Any) -> int:
-    """The largest GPTQ Hessian, its XᵀX product and the solve's working copy (fp32)."""
+def solver_bytes(config: Any, method: str) -> int:
+    """GPTQ's largest Hessian, its XᵀX product and the solve's working copy (fp32); nothing for other methods."""
+    if method != "gptq":
+        return 0
     width = max(config.hidden_size, config.intermediate_size)
     return 3 * 4 * width * width
+
+
+def gpu_budget(free_bytes: int) -> int:
+    """The bytes placement and plan may count on: `MEMORY_FRACTION` of the free GPU memory less `RESERVED_BYTES`."""
+    return int(free_bytes * MEMORY_FRACTION) - RESERVED_BYTES
 
 
 class Placement(BaseModel):
@@ -105,11 +112,9 @@ def loaded_weight_bytes(path: Path, config: Any, dtype: str) -> int:
 
 
 def calibration_headroom(config: Any, method: str) -> int:
-    """The most the tuned path's calibration can need beside resident weights: the largest batch it forms,
-    GPTQ's Hessians and the reserve. The activation cache is not counted: the plan moves it to the host
-    when it does not fit."""
-    fixed = hessian_bytes(config) if method == "gptq" else 0
-    return fixed + MAX_BATCH_TOKENS * layer_bytes_per_token(config) + RESERVED_BYTES
+    """The most the tuned path's calibration can need beside resident weights: the largest batch it forms and
+    GPTQ's Hessians. The activation cache is not counted: the plan moves it to the host when it does not fit."""
+    return solver_bytes(config, method) + MAX_BATCH_TOKENS * layer_bytes_per_token(config)
 
 
 def model_placement(config: Any, weight_bytes: int, spec: QuantizeSpec, *, free_bytes: int | None = None) -> Placement:
@@ -119,11 +124,11 @@ def model_placement(config: Any, weight_bytes: int, spec: QuantizeSpec, *, free_
         return Placement(device="cpu", reason="quantize.tuning is off")
     if not torch.cuda.is_available():
         return Placement(device="cpu", reason="no CUDA GPU")
-    if not needs_calibration(spec.method, SCHEMES[spec.scheme], spec.smoothquant_strength is not None):
+    if not spec.calibrates:
         return Placement(device="cpu", reason="data-free: the engine visits each layer once")
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info()
-    fits = weight_bytes + calibration_headroom(config, spec.method) <= free_bytes * MEMORY_FRACTION
+    fits = weight_bytes + calibration_headroom(config, spec.method) <= gpu_budget(free_bytes)
     return Placement(
         device="cuda" if fits else "cpu",
         reason="weights fit the GPU beside calibration" if fits else "weights do not fit the GPU beside calibration",
@@ -158,7 +163,7 @@ def plan_tuning(
     config = model.config
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info()
-    budget = int(free_bytes * MEMORY_FRACTION) - RESERVED_BYTES
+    budget = gpu_budget(free_bytes)
     seq_len = max(lengths)
     static_activations = SCHEMES[spec.scheme].activations == "static"
     if spec.batch_size > 1:
@@ -167,7 +172,7 @@ def plan_tuning(
         batch = 1  # activation observers average over batches: batching would change the scales
     else:
         batch = max(1, min(len(lengths), max_batch_tokens // seq_len))
-    fixed = hessian_bytes(config) if spec.method == "gptq" else 0
+    fixed = solver_bytes(config, spec.method)
     cache = cache_bytes(config, sum(lengths), spec.method)
     per_token = layer_bytes_per_token(config)
 

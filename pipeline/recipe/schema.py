@@ -147,16 +147,21 @@ class QuantizeSpec(Strict):
         if self.symmetric is not None and info.weight_type != "int":
             raise ValueError(f"symmetric: float scheme {self.scheme} is always symmetric; remove symmetric")
         if self.num_gpus > 1:
-            self._check_distributed(info)
+            self._check_distributed()
         return self
 
-    def _check_distributed(self, info: Any) -> None:
+    @property
+    def calibrates(self) -> bool:
+        """Whether the method/scheme needs calibration data (GPTQ, AWQ, SmoothQuant, static activations)."""
+        return needs_calibration(self.method, SCHEMES[self.scheme], self.smoothquant_strength is not None)
+
+    def _check_distributed(self) -> None:
         if self.backend not in DISTRIBUTED_BACKENDS:
             raise ValueError(
                 f"num_gpus: backend {self.backend} has no distributed calibration "
                 f"(supported: {', '.join(DISTRIBUTED_BACKENDS)}); set num_gpus: 1"
             )
-        if not needs_calibration(self.method, info, self.smoothquant_strength is not None):
+        if not self.calibrates:
             raise ValueError(
                 f"num_gpus: {self.method} {self.scheme} is data-free, so there is no calibration to distribute "
                 "(num_gpus > 1 applies to gptq, awq, smoothquant and static-activation schemes); set num_gpus: 1"

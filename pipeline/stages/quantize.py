@@ -6,14 +6,8 @@ import time
 from typing import Any
 
 from pipeline.backends import QuantizeBackend, get_backend
-from pipeline.formats import SCHEMES, needs_calibration
 from pipeline.recipe.schema import Recipe
 from pipeline.run.context import RunContext
-
-
-def recipe_needs_calibration(recipe: Recipe) -> bool:
-    spec = recipe.quantize
-    return needs_calibration(spec.method, SCHEMES[spec.scheme], spec.smoothquant_strength is not None)
 
 
 def compute_dtype(requested: str) -> str:
@@ -57,7 +51,7 @@ def run_quantize(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     started = time.perf_counter()
     model, tokenizer = load_model(recipe, ctx, backend)
     load_s = time.perf_counter() - started
-    calibration = load_calibration(ctx) if recipe_needs_calibration(recipe) else None
+    calibration = load_calibration(ctx) if spec.calibrates else None
     ctx.log.info("quantize: %s %s via %s", spec.method, spec.scheme, spec.backend)
     started = time.perf_counter()
     log_dir = ctx.run_dir / "logs"
