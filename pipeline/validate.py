@@ -139,9 +139,10 @@ def validate_recipe(recipe: Recipe, output: Path | None = None) -> list[str]:
     info = check_backend(recipe.quantize)
     check_model_reference(recipe.model)
     check_group_size(recipe)
-    check_parallel_eval(recipe, info.output_format(recipe.quantize.method))
+    fmt = info.output_format(recipe.quantize.method)
+    check_parallel_eval(recipe, fmt)
     facts = [
-        f"backend {info.name} writes {info.output_format(recipe.quantize.method).name}",
+        f"backend {info.name} writes {fmt.name}",
         calibration_fact(recipe),
         eval_fact(recipe),
     ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,28 @@ def weight_bits(model_dir: Path) -> int:
     return int(next(iter(groups.values()))["weights"]["num_bits"])
 
 
-def module_codes(model_dir: Path, device: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(module name, its unsigned codes) for every packed weight, in file and key order."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+def packed_modules(model_dir: Path) -> dict[str, Path]:
+    """Every module with a packed weight, and the safetensors file that holds it."""
     from safetensors import safe_open
 
-    bits = weight_bits(model_dir)
+    found: dict[str, Path] = {}
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if key.endswith(".weight_packed"):
-                    name = key.removesuffix(".weight_packed")
-                    shape = torch.Size(f.get_tensor(f"{name}.weight_shape").tolist())
-                    codes = unpack_from_int32(f.get_tensor(key).to(device), bits, shape)
-                    yield name, codes.to(torch.int16) + (1 << (bits - 1))
+                    found[key.removesuffix(".weight_packed")] = file
+    return found
+
+
+def module_codes(file: Path, name: str, bits: int, device: str) -> torch.Tensor:
+    """The unsigned codes of one module's packed weight: one module in memory at a time, however large the model."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        shape = torch.Size(f.get_tensor(f"{name}.weight_shape").tolist())
+        codes = unpack_from_int32(f.get_tensor(f"{name}.weight_packed").to(device), bits, shape)
+    return codes.to(torch.int16) + (1 << (bits - 1))
 
 
 def histogram(codes: torch.Tensor, bits: int) -> list[int]:
@@ -56,16 +63,18 @@ def end_share(counts: list[int]) -> float:
 def compare(first: Path, second: Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Histograms and end shares per module of `first` (and `second`), and the share of equal codes."""
     bits = weight_bits(first)
-    others = dict(module_codes(second, device)) if second is not None else {}
+    others = packed_modules(second) if second is not None else {}
     modules: dict[str, Any] = {}
-    for name, codes in module_codes(first, device):
+    for name, file in packed_modules(first).items():
+        codes = module_codes(file, name, bits, device)
         counts = histogram(codes, bits)
         row: dict[str, Any] = {"histogram": counts, "end_share": round(end_share(counts), 4)}
         if name in others:
-            other_counts = histogram(others[name], bits)
+            other = module_codes(others[name], name, bits, device)
+            other_counts = histogram(other, bits)
             row["other_histogram"] = other_counts
             row["other_end_share"] = round(end_share(other_counts), 4)
-            row["equal_codes"] = round((codes == others[name]).float().mean().item(), 4)
+            row["equal_codes"] = round((codes == other).float().mean().item(), 4)
         modules[name] = row
     return {"bits": bits, "summary": summarize(modules, second is not None), "modules": modules}
 
