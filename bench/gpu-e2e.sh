@@ -14,6 +14,8 @@
 #                                             the share of equal codes (pipeline/bench/int4.py) into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
 #                                             checkpoint unless SERVE_ARGS has --no-base); figures into $OUT
+#   bash bench/gpu-e2e.sh bench               qpipe bench $BENCH_ARGS (e.g. "--methods awq --modes default tuned
+#                                             --quality") in the main env; its JSON into $OUT
 # Several subcommands may follow each other in one call: `bash bench/gpu-e2e.sh setup run gptq calibrate,...,eval`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -129,9 +131,15 @@ serve() {
   echo "qpipe bench serve $recipes exit $status"
 }
 
+bench() {
+  mkdir -p "$OUT"
+  # shellcheck disable=SC2086
+  timed qpipe bench ${BENCH_ARGS:-} --out "$OUT"
+}
+
 while [ $# -gt 0 ]; do
   case $1 in
-    setup | corpus | piece | vllm) "$1"; shift ;;
+    setup | corpus | piece | vllm | bench) "$1"; shift ;;
     int4) int4 "$2" "$3"; shift 3 ;;
     serve) serve "$2"; shift 2 ;;
     run)

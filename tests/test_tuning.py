@@ -62,8 +62,40 @@ def test_plan_for_8b_on_an_80gb_gpu(fake_gpu: None) -> None:
     gptq = plan_tuning(MODEL_8B, [2048] * 128, GPTQ, free_bytes=63 * GIB)
     assert (gptq.batch_size, gptq.sequential_offload_device) == (16, "cuda")
     assert gptq.fast_hessian and gptq.fused_attention and gptq.gpu == "Fake GPU"
+    assert gptq.awq_search_stride == 1
     awq = plan_tuning(MODEL_8B, [512] * 128, AWQ, free_bytes=63 * GIB)
-    assert (awq.batch_size, awq.sequential_offload_device, awq.fast_hessian) == (64, "cuda", False)
+    assert (awq.batch_size, awq.sequential_offload_device, awq.fast_hessian) == (32, "cuda", False)
+    assert awq.awq_search_stride == 4  # the search scores one batch of four: 16,384 of 65,536 tokens
+
+
+def test_awq_search_subsample_keeps_small_calibration_whole(fake_gpu: None) -> None:
+    """Under `AWQ_SEARCH_TOKENS` tokens every batch is scored; long samples get batches of the search size."""
+    mixed = plan_tuning(MODEL_8B, [25 + i % 250 for i in range(128)], AWQ, free_bytes=63 * GIB)
+    assert mixed.awq_search_stride == 1
+    long = plan_tuning(MODEL_8B, [2048] * 128, AWQ, free_bytes=63 * GIB)
+    assert (long.batch_size, long.awq_search_stride) == (8, 16)
+
+
+def test_strided_awq_samples_runs_every_stride_th_batch() -> None:
+    """Under the plan, AWQ's reference and candidate outputs come from batches 0, stride, 2·stride, ..."""
+    from llmcompressor.modifiers.transform.awq.base import AWQModifier
+
+    class Batches:
+        def __len__(self) -> int:
+            return 7
+
+        def fetch(self, index: int) -> dict[str, int]:
+            return {"index": index}
+
+    def parent(index: int) -> tuple[torch.Tensor, None]:
+        return torch.full((1,), float(index)), None
+
+    modifier = SimpleNamespace(_parent_args_cache={parent: Batches()})
+    original = AWQModifier._run_samples
+    with tuned_engine(TuningPlan(enabled=True, reason="test", awq_search_stride=3)):
+        outputs = AWQModifier._run_samples(modifier, parent)
+    assert [float(output) for output in outputs] == [0.0, 3.0, 6.0]
+    assert AWQModifier._run_samples is original
 
 
 def test_plan_shrinks_to_fit_small_memory(fake_gpu: None) -> None:
@@ -250,7 +282,8 @@ def test_exact_batching_and_gram_hessian_reproduce_the_default_weights() -> None
 
 @pytest.mark.parametrize("spec", [GPTQ, AWQ], ids=["gptq", "awq"])
 def test_full_tuned_plan_keeps_kl_on_cpu(spec: QuantizeSpec) -> None:
-    """Everything the GPU plan turns on, forced on CPU: KL vs the unquantized model within 5 % of the default's."""
+    """Everything the GPU plan turns on for a calibration set this small (AWQ's search subsample starts at twice
+    `AWQ_SEARCH_TOKENS`), forced on CPU: KL vs the unquantized model within 5 % of the default's."""
     plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True, fused_attention=True)
     default = _tiny_run(spec.model_copy(update={"tuning": "off"}), None, torch.float32)
     tuned = _tiny_run(spec, plan, torch.float32)

@@ -78,6 +78,14 @@ def llmcompressor_hessian(accumulate: Callable[[Callable[..., Any]], Callable[..
     return swap_attribute(base, "accumulate_hessian", accumulate(base.accumulate_hessian), LLMCOMPRESSOR)
 
 
+def llmcompressor_awq_samples(run_samples: Callable[..., Any]) -> Any:
+    """AWQ's `_run_samples` (the parent module's forward over every cached batch, run once per grid point of its
+    scale search) replaced by `run_samples(modifier, module)`."""
+    from llmcompressor.modifiers.transform.awq.base import AWQModifier
+
+    return swap_attribute(AWQModifier, "_run_samples", run_samples, LLMCOMPRESSOR)
+
+
 def llmcompressor_no_pinning() -> Any:
     """AWQ's activation cache pins host memory, which CPU-only torch refuses; without an accelerator
     there is no copy to speed up, so pinning becomes a no-op."""

@@ -16,6 +16,11 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
 * runs attention through PyTorch's fused causal kernel (flash attention) where llm-compressor forces
   eager attention, whenever the mask handed to attention is exactly the causal mask (always the case for
   the unpadded batches above); any other mask falls back to the model's eager attention.
+* scores AWQ's scale candidates on a subsample of the calibration batches (every ``awq_search_stride``-th,
+  about ``AWQ_SEARCH_TOKENS`` tokens) instead of all of them: the grid search re-runs each parent module
+  once per candidate, which is most of AWQ's time, while the activation means that shape the candidates
+  still see every token. AWQ batches hold at most ``AWQ_SEARCH_TOKENS`` tokens so the subsample is whole
+  batches.
 
 Without a GPU, with ``tuning: off``, or for data-free schemes the plan is disabled and nothing changes.
 """
@@ -41,6 +46,7 @@ GIB = 2**30
 MAX_BATCH_TOKENS = 32768  # calibration tokens per batch: 16 x 2048 (GPTQ) or 64 x 512 (AWQ) already saturate the GEMMs
 MEMORY_FRACTION = 0.9  # of free GPU memory the plan may count on
 RESERVED_BYTES = 2 * GIB  # allocator fragmentation, cuBLAS workspaces, the lm_head/embedding onload
+AWQ_SEARCH_TOKENS = 16384  # calibration tokens AWQ's grid search scores each scale candidate on (32 x 512)
 
 
 class TuningPlan(BaseModel):
@@ -55,6 +61,7 @@ class TuningPlan(BaseModel):
     sequential_offload_device: str = "cpu"
     fast_hessian: bool = False
     fused_attention: bool = False
+    awq_search_stride: int = 1
     free_gib: float | None = None
     estimated_gib: float | None = None
 
@@ -171,7 +178,8 @@ def plan_tuning(
     elif static_activations:
         batch = 1  # activation observers average over batches: batching would change the scales
     else:
-        batch = max(1, min(len(lengths), max_batch_tokens // seq_len))
+        batch_tokens = min(max_batch_tokens, AWQ_SEARCH_TOKENS) if spec.method == "awq" else max_batch_tokens
+        batch = max(1, min(len(lengths), batch_tokens // seq_len))
     fixed = solver_bytes(config, spec.method)
     cache = cache_bytes(config, sum(lengths), spec.method)
     per_token = layer_bytes_per_token(config)
@@ -190,6 +198,7 @@ def plan_tuning(
         sequential_offload_device="cuda" if on_gpu_cache else "cpu",
         fast_hessian=spec.method == "gptq",
         fused_attention=True,
+        awq_search_stride=max(1, sum(lengths) // AWQ_SEARCH_TOKENS) if spec.method == "awq" else 1,
         free_gib=round(free_bytes / GIB, 1),
         estimated_gib=round(needed(batch, on_gpu_cache) / GIB, 1),
     )
@@ -269,6 +278,21 @@ def fast_accumulate_hessian(gram: GramCache, fallback: Callable[..., Any]) -> Ca
     return accumulate
 
 
+def strided_awq_samples(stride: int) -> Callable[[Any, torch.nn.Module], list[torch.Tensor]]:
+    """A drop-in for `AWQModifier._run_samples` that runs the parent module on every `stride`-th cached batch.
+
+    Both the unquantized reference outputs and each candidate's outputs come from it, so the loss compares
+    the same tokens. (llm-compressor's optional loss masks are indexed by batch; qpipe never sets them.)"""
+
+    @torch.no_grad()
+    def run_samples(modifier: Any, module: torch.nn.Module) -> list[torch.Tensor]:
+        cache = modifier._parent_args_cache[module]
+        outputs = [module(**cache.fetch(index)) for index in range(0, len(cache), stride)]
+        return [output[0] if isinstance(output, tuple) else output for output in outputs]
+
+    return run_samples
+
+
 def is_causal_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
     """Whether a (batch, 1, q, kv) attention mask is exactly the plain causal mask (no padding, no window)."""
     if q_len != kv_len or tuple(mask.shape[-2:]) != (q_len, kv_len):
@@ -310,7 +334,7 @@ def fused_causal_attention(
 
 @contextmanager
 def tuned_engine(plan: TuningPlan) -> Iterator[None]:
-    """The plan's engine changes (Hessians, attention) for the duration of a `oneshot` call."""
+    """The plan's engine changes (Hessians, attention, AWQ's search) for the duration of a `oneshot` call."""
     with ExitStack() as stack:
         if plan.enabled and plan.fast_hessian:
             gram = GramCache()
@@ -318,4 +342,6 @@ def tuned_engine(plan: TuningPlan) -> Iterator[None]:
             stack.enter_context(patches.llmcompressor_hessian(partial(fast_accumulate_hessian, gram)))
         if plan.enabled and plan.fused_attention:
             stack.enter_context(patches.transformers_eager_attention(fused_causal_attention))
+        if plan.enabled and plan.awq_search_stride > 1:
+            stack.enter_context(patches.llmcompressor_awq_samples(strided_awq_samples(plan.awq_search_stride)))
         yield

@@ -7,7 +7,8 @@ Each run builds the same seeded model afresh (timed as stage ``build``) and quan
   every other argument at llm-compressor's default (batch 1, shuffled, activations offloaded to the CPU);
 * ``default``: the pipeline's backend with ``quantize.tuning: off``;
 * ``tuned``: the pipeline's backend with ``quantize.tuning: auto`` (what runs by default on a GPU);
-  ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B`` overrides single settings (ablations).
+  ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B,search=S`` overrides single settings (ablations;
+  ``search=1``: AWQ scores its scales on every batch).
 
 With ``--num-gpus N`` the ``default`` and ``tuned`` modes run through the multi-GPU launcher instead
 (pipeline/backends/distributed.py: the model is saved, then quantized by N torchrun ranks); ``quantize`` is rank 0's
@@ -90,7 +91,7 @@ class Mode(BaseModel):
 
 
 def parse_mode(text: str) -> Mode:
-    """`raw`, `default`, `tuned` or `tuned:tokens=N,batch=B,offload=cpu|cuda,hessian=on|off`."""
+    """`raw`, `default`, `tuned` or `tuned:tokens=N,batch=B,offload=cpu|cuda,hessian=on|off,search=S`."""
     name, _, options = text.partition(":")
     if name not in ("raw", "default", "tuned") or (options and name != "tuned"):
         raise PipelineError(f"--modes {text!r}: use raw, default, tuned or tuned:key=value,...")
@@ -105,8 +106,11 @@ def parse_mode(text: str) -> Mode:
             mode.overrides["sequential_offload_device"] = value
         elif key == "hessian" and value in ("on", "off"):
             mode.overrides["fast_hessian"] = value == "on"
+        elif key == "search" and value.isdigit() and int(value) > 0:
+            mode.overrides["awq_search_stride"] = int(value)
         else:
-            raise PipelineError(f"--modes {text!r}: unknown option {item!r} (tokens=N, batch=B, offload=, hessian=)")
+            options_help = "tokens=N, batch=B, offload=, hessian=, search=S"
+            raise PipelineError(f"--modes {text!r}: unknown option {item!r} ({options_help})")
     return mode
 
 
@@ -530,6 +534,9 @@ def describe_settings(run: RunResult) -> str:
     parts = [f"batch {plan['batch_size']}", f"cache {plan['sequential_offload_device']}"]
     if run.method == "gptq":
         parts.append("hessian bf16" if plan.get("fast_hessian") else "hessian fp32")
+    if run.method == "awq":
+        stride = plan.get("awq_search_stride", 1)
+        parts.append(f"search 1/{stride} of batches" if stride > 1 else "search all batches")
     parts.append("attention fused" if plan.get("fused_attention") else "attention eager")
     return ", ".join(parts)
 
