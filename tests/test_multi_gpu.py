@@ -351,17 +351,75 @@ def test_two_rank_gloo_gptq_matches_single_process(
     assert torch.isfinite(logits).all()
 
 
-def test_distributed_awq_ranks_keep_the_shared_host_copy() -> None:
-    """GPU-resident AWQ ranks hung at save on 2 H200s; GPTQ ranks load onto their GPUs, host placements stay."""
-    from pipeline.backends.dist_worker import rank_placement
-    from pipeline.backends.tuning import Placement
+def _compress_on_rank(rank: int, port: int, out: str, local_first: bool) -> None:
+    """One gloo rank holding a full W4A16_ASYM replica in compressed-tensors' device cache (as GPU-resident ranks
+    do, on the CPU here): optionally `compress_replica`, then the compression `save_pretrained` runs."""
+    import datetime
 
-    on_gpu = Placement(device="cuda", reason="weights fit the GPU beside calibration", weights_gib=15.3)
-    assert rank_placement(on_gpu, "gptq") == on_gpu
-    awq = rank_placement(on_gpu, "awq")
-    assert awq.device == "cpu" and "AWQ" in awq.reason and awq.weights_gib == 15.3
-    host = Placement(device="cpu", reason="no CUDA GPU")
-    assert rank_placement(host, "awq") == host
+    import torch.distributed as dist
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.offload.cache.dist_device import DistributedDeviceCache
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.apply import apply_quantization_config
+
+    from pipeline.backends.dist_worker import compress_replica
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 64, bias=False) for _ in range(4)])
+    scheme = preset_name_to_scheme("W4A16_ASYM", ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}, format="pack-quantized"))
+    for module in model:
+        module.weight_scale.data.fill_(0.01)
+        module.weight_zero_point.data.fill_(3)
+        module.quantization_status = QuantizationStatus.FROZEN
+        module._parameters = DistributedDeviceCache.from_mapping(module._parameters, "cpu", "cpu")
+        module._buffers = DistributedDeviceCache.from_mapping(module._buffers, "cpu", "cpu")
+    if local_first:
+        compress_replica(model)
+    ModelCompressor.from_pretrained_model(model).compress_model(model, skip_compressed=True)
+    zero_points = [module.weight_zero_point for module in model]
+    summary = [[list(z.shape), str(z.dtype), int(z.double().sum())] for z in zero_points]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _zero_points_after_save(tmp_path: Path, local_first: bool) -> list[Any]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_compress_on_rank, args=(port, str(tmp_path), local_first), nprocs=2, start_method="fork")
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.e2e  # two forked gloo ranks (~20 s)
+def test_compress_replica_gives_every_rank_the_packed_zero_points(tmp_path: Path) -> None:
+    """GPU-resident AWQ ranks hung at save on 2 H200s; compressing each replica locally first fixed it there.
+    Here: every module's asymmetric zero point ends up packed (int32, 64 rows / 8 per int32) on both ranks."""
+    ranks = _zero_points_after_save(tmp_path, local_first=True)
+    assert ranks[0] == ranks[1]
+    assert all(shape == [8, 2] and dtype == "torch.int32" for shape, dtype, _ in ranks[0])
+
+
+@pytest.mark.e2e  # two forked gloo ranks (~20 s)
+def test_parallel_compression_mis_sizes_asymmetric_zero_points_upstream(tmp_path: Path) -> None:
+    """compressed-tensors 0.19's split compression: the receiving rank sizes a module from a compression on meta,
+    which leaves the zero point unpacked (int8 [64, 2]); on gloo the wrong bytes arrive, on NCCL it hangs. This
+    fails once upstream fixes it, the signal to drop `compress_replica`."""
+    ranks = _zero_points_after_save(tmp_path, local_first=False)
+    unpacked = [
+        (rank, index)
+        for rank, zero_points in enumerate(ranks)
+        for index, z in enumerate(zero_points)
+        if z[1] == "torch.int8"
+    ]
+    assert unpacked, "every rank got packed zero points: upstream fixed the split compression"
 
 
 def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,8 +5,8 @@
 Every rank joins the process group (NCCL on GPUs, gloo on CPU), loads the model (onto its own GPU when it
 fits there; otherwise through llm-compressor's offloaded loading: rank 0 reads the weights, the other ranks
 share them through host memory), calibrates
-on its contiguous slice of the calibration set and takes part in saving; rank 0 writes the model, the
-tokenizer and a JSON result.
+on its contiguous slice of the calibration set and takes part in saving (a GPU-resident replica is compressed
+by its own rank first: `compress_replica`); rank 0 writes the model, the tokenizer and a JSON result.
 """
 
 from __future__ import annotations
@@ -34,26 +34,13 @@ def init_process_group() -> None:
         dist.init_process_group(backend="gloo")
 
 
-def rank_placement(placement: Placement, method: str) -> Placement:
-    """`placement` for one rank of a distributed run. AWQ stays on the host: with every rank holding the model on
-    its GPU, compressed-tensors 0.19's parallel compression at save hung (2 H200s, llm-compressor 0.14; GPTQ
-    saved), while AWQ ranks sharing the host copy save."""
-    if placement.device == "cuda" and method == "awq":
-        reason = "distributed AWQ: GPU-resident ranks hang at save; the ranks share the host copy"
-        return placement.model_copy(update={"device": "cpu", "reason": reason})
-    return placement
-
-
 def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
     """Where it fits (`placement_for`), every rank loads the whole model onto its own GPU, reading the files
     side by side; otherwise rank 0 loads it once on the host and the ranks share it (onloaded per layer)."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
-    placement = rank_placement(
-        placement_for(request.model, request.quantize, request.dtype, request.trust_remote_code),
-        request.quantize.method,
-    )
+    placement = placement_for(request.model, request.quantize, request.dtype, request.trust_remote_code)
     args = {"dtype": request.dtype, "trust_remote_code": request.trust_remote_code}
     if placement.device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
@@ -61,6 +48,22 @@ def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
     # the context swaps `from_pretrained` for its shared loading: look it up inside
     with load_offloaded_model(extra_cpu_mem=request.reserve_cpu_bytes):
         return placement, AutoModelForCausalLM.from_pretrained(request.model, device_map="auto_offload", **args)
+
+
+def compress_replica(model: Any) -> None:
+    """Compress this rank's GPU-resident replica on its own before the collective save.
+
+    The save otherwise splits compression across the ranks and broadcasts each module from the rank that
+    compressed it. compressed-tensors 0.19 sizes the receiving tensors from a compression on the meta device,
+    which leaves an asymmetric scheme's zero point unpacked (int8 [out, groups]) where the sender packed it
+    (int32): NCCL then waits forever (AWQ W4A16_ASYM on two H200s) and gloo delivers the wrong bytes. Ranks
+    sharing the host copy exchange shapes and are unaffected. The save's own compression then finds every
+    module compressed and skips it."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.offload import as_single_threaded
+
+    with as_single_threaded():
+        ModelCompressor.from_pretrained_model(model).compress_model(model, skip_compressed=True)
 
 
 def load_rank_calibration(path: str, rank: int, world_size: int) -> Any:
@@ -90,6 +93,8 @@ def run(request: DistributedRequest) -> dict[str, Any]:
     compute_dtype = str(model.dtype)
     if request.export_dtype is not None and model.dtype != getattr(torch, request.export_dtype):
         model.to(getattr(torch, request.export_dtype))
+    if placement.device == "cuda":
+        compress_replica(model)
     model.save_pretrained(request.output, save_compressed=True)  # every rank joins; only rank 0 writes
     if rank == 0:
         tokenizer.save_pretrained(request.output)
