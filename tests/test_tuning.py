@@ -280,6 +280,25 @@ def test_exact_batching_and_gram_hessian_reproduce_the_default_weights() -> None
     assert abs(kl_tuned - kl_default) <= 0.01 * kl_default
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_awq_search_scores_every_stride_th_batch_inside_oneshot(stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a real `oneshot`, the loss that ranks AWQ's candidates sees batches 0, stride, ... of the 3 cached ones
+    (9 samples in batches of 4, 2 and 3)."""
+    from llmcompressor.modifiers.transform.awq.base import AWQModifier
+
+    scored: list[int] = []
+    compute_loss = AWQModifier._compute_loss
+
+    def counting_loss(self: Any, fp16_outputs: list[torch.Tensor], int_w_outputs: list[torch.Tensor]) -> float:
+        scored.append(sum(output.shape[0] for output in fp16_outputs))
+        return compute_loss(self, fp16_outputs, int_w_outputs)
+
+    monkeypatch.setattr(AWQModifier, "_compute_loss", counting_loss)
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4, awq_search_stride=stride)
+    _tiny_run(AWQ, plan, torch.float32)
+    assert scored and set(scored) == {9 if stride == 1 else 4 + 3}
+
+
 @pytest.mark.parametrize("spec", [GPTQ, AWQ], ids=["gptq", "awq"])
 def test_full_tuned_plan_keeps_kl_on_cpu(spec: QuantizeSpec) -> None:
     """Everything the GPU plan turns on for a calibration set this small (AWQ's search subsample starts at twice
