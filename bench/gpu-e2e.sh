@@ -143,7 +143,12 @@ while [ $# -gt 0 ]; do
     int4) int4 "$2" "$3"; shift 3 ;;
     serve) serve "$2"; shift 2 ;;
     run)
-      if [ $# -ge 3 ] && [[ $3 == *,* ]]; then run "$2" "$3"; shift 3; else run "$2"; shift 2; fi ;;
+      # STEPS is a comma list of stage names; anything else is the next subcommand
+      if [ $# -ge 3 ] && [[ $3 =~ ^(calibrate|quantize|export|eval|smoke)(,|$) ]]; then
+        run "$2" "$3"; shift 3
+      else
+        run "$2"; shift 2
+      fi ;;
     *) echo "unknown subcommand $1" >&2; exit 2 ;;
   esac
 done
