@@ -394,11 +394,13 @@ def _zero_points_after_save(tmp_path: Path, local_first: bool) -> list[Any]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.start_processes(_compress_on_rank, args=(port, str(tmp_path), local_first), nprocs=2, start_method="fork")
+    # spawn, not fork: a rank forked from a pytest process that already ran torch inherits its thread pools'
+    # locks and hung in the full suite
+    mp.start_processes(_compress_on_rank, args=(port, str(tmp_path), local_first), nprocs=2, start_method="spawn")
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
-@pytest.mark.e2e  # two forked gloo ranks (~20 s)
+@pytest.mark.e2e  # two spawned gloo ranks (~20 s)
 def test_compress_replica_gives_every_rank_the_packed_zero_points(tmp_path: Path) -> None:
     """GPU-resident AWQ ranks hung at save on 2 H200s; compressing each replica locally first fixed it there.
     Here: every module's asymmetric zero point ends up packed (int32, 64 rows / 8 per int32) on both ranks."""
@@ -407,7 +409,7 @@ def test_compress_replica_gives_every_rank_the_packed_zero_points(tmp_path: Path
     assert all(shape == [8, 2] and dtype == "torch.int32" for shape, dtype, _ in ranks[0])
 
 
-@pytest.mark.e2e  # two forked gloo ranks (~20 s)
+@pytest.mark.e2e  # two spawned gloo ranks (~20 s)
 def test_parallel_compression_mis_sizes_asymmetric_zero_points_upstream(tmp_path: Path) -> None:
     """compressed-tensors 0.19's split compression: the receiving rank sizes a module from a compression on meta,
     which leaves the zero point unpacked (int8 [64, 2]); on gloo the wrong bytes arrive, on NCCL it hangs. This
