@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,34 +28,32 @@ from pipeline.bench.benchmark import log_probs, quantized_weights
 from pipeline.demo.corpus import heldout_records
 from pipeline.demo.model import ensure_demo_model
 from pipeline.eval.fidelity import mean_kl
-from pipeline.recipe.schema import QuantizeSpec
+from pipeline.recipe.schema import CalibrateSpec, QuantizeSpec
+from pipeline.stages.calibrate import packed_samples
 
 SAMPLES, LENGTH = 128, 512
 AWQ = QuantizeSpec(method="awq", scheme="W4A16_ASYM")
 
 
-def packed_mmlu(mmlu_dir: Path, tokenizer: Any) -> Dataset:
-    """MMLU test questions with their choices, EOS-separated and cut into SAMPLES x LENGTH tokens."""
-    stream: list[int] = []
-    for path in sorted((mmlu_dir / "test").glob("*.csv")):
-        for question, *choices, answer in csv.reader(path.open(encoding="utf-8")):
-            text = (
-                question
-                + "\n"
-                + "\n".join(f"{k}. {c}" for k, c in zip("ABCD", choices, strict=True))
-                + f"\nAnswer: {answer}"
-            )
-            stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-            if len(stream) >= SAMPLES * LENGTH:
-                samples = [stream[i : i + LENGTH] for i in range(0, SAMPLES * LENGTH, LENGTH)]
-                return Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * LENGTH] * SAMPLES})
-    raise SystemExit(f"{mmlu_dir}: fewer than {SAMPLES * LENGTH} tokens of MMLU test text")
+def packed_mmlu(mmlu_dir: Path, tokenizer: Any, scratch: Path) -> Dataset:
+    """MMLU test questions with their choices (as `bench/gpu-e2e.sh corpus` writes them), packed by the calibrate
+    stage's own `packed_samples` into SAMPLES x LENGTH tokens."""
+    corpus = scratch / "mmlu-text.jsonl"
+    with corpus.open("w", encoding="utf-8") as out:
+        for path in sorted((mmlu_dir / "test").glob("*.csv")):
+            for question, *choices, answer in csv.reader(path.open(encoding="utf-8")):
+                options = "\n".join(f"{k}. {c}" for k, c in zip("ABCD", choices, strict=True))
+                out.write(json.dumps({"text": f"{question}\n{options}\nAnswer: {answer}"}) + "\n")
+    spec = CalibrateSpec(dataset=str(corpus), pack=True, num_samples=SAMPLES, max_seq_length=LENGTH)
+    samples, _ = packed_samples(spec, tokenizer)
+    return Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * LENGTH] * len(samples)})
 
 
 def main(mmlu_dir: Path) -> None:
     model_dir = ensure_demo_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    calibration = packed_mmlu(mmlu_dir, tokenizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        calibration = packed_mmlu(mmlu_dir, tokenizer, Path(scratch))
     held = tokenizer([r["text"] for r in heldout_records()[:64]], truncation=True, max_length=64)["input_ids"]
     eval_ids = torch.tensor([ids for ids in held if len(ids) == 64][:16])
     runs = [("default", AWQ.model_copy(update={"tuning": "off"}), None)] + [
