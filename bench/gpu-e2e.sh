@@ -9,7 +9,8 @@
 #   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint (RUN_ARGS: more options, e.g.
 #                                             "--set smoke.serve_check=true"; RUN_TAG names its tarball and
 #                                             remembers its run directory; DATASET: calibration text, default
-#                                             the bundled corpus); reports into $OUT
+#                                             the bundled corpus; RUN_PROFILE=1: cProfile and -X importtime
+#                                             output into $OUT); reports into $OUT
 #   bash bench/gpu-e2e.sh int4 TAG_A TAG_B    per-module int4 code histograms of two tagged runs' artifacts and
 #                                             the share of equal codes (pipeline/bench/int4.py) into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
@@ -37,6 +38,9 @@ DATASET=${DATASET:-calibration/demo-calibration.jsonl}
 NOT_FOR_VLLM='/(auto_round|compressed_tensors|llmcompressor|loguru|pydantic|pydantic_core|annotated_types|typing_inspection)-'
 
 qpipe() { "$QENV/bin/python" -m pipeline.cli "$@"; }
+profiled_qpipe() {  # qpipe under cProfile, imports timed: where a run's time outside its stages goes
+  "$QENV/bin/python" -X importtime -m cProfile -o "$OUT/$PROFILE.prof" -m pipeline.cli "$@" 2>"$OUT/$PROFILE.importtime"
+}
 
 timed() {  # whole-command wall time; per-stage time, RSS and GPU memory are in each run's manifest
   local start=$SECONDS status=0
@@ -103,7 +107,9 @@ run() {
   local recipe=$1 steps=${2:-calibrate,quantize,export,eval,smoke} status=0
   mkdir -p "$OUT"
   # shellcheck disable=SC2086
-  timed qpipe run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
+  local cli=qpipe PROFILE=$recipe${RUN_TAG:+-$RUN_TAG}
+  [ -z "${RUN_PROFILE:-}" ] || cli=profiled_qpipe
+  timed $cli run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
     --set calibrate.dataset="$DATASET" --set eval.mmlu_dir="$ROOT/mmlu" \
     --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 ${RUN_ARGS:-} || status=$?
   local dir

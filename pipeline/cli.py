@@ -268,7 +268,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--modes",
         nargs="+",
         default=["raw", "default", "tuned"],
-        help="raw, default, tuned or tuned:tokens=N,batch=B,offload=cpu|cuda,hessian=on|off",
+        help="raw, default, tuned or tuned:tokens=N,batch=B,offload=cpu|cuda,search=S,"
+        "{hessian,factor,propagate}=on|off",
     )
     bench.add_argument("--layers", type=int, help="decoder layers (default: 36, the full model)")
     bench.add_argument("--scale", type=float, default=1.0, help="width scale in (0, 1] for small CPU runs")

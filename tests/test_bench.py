@@ -36,13 +36,15 @@ def test_synthetic_model_is_seeded_and_loadable_by_path(tmp_path: Path) -> None:
 
 def test_parse_mode() -> None:
     assert parse_mode("raw").name == "raw"
-    mode = parse_mode("tuned:tokens=8192,offload=cpu,hessian=off,batch=4,search=1")
+    mode = parse_mode("tuned:tokens=8192,offload=cpu,hessian=off,batch=4,search=1,factor=off,propagate=on")
     assert mode.batch_tokens == 8192
     assert mode.overrides == {
         "sequential_offload_device": "cpu",
         "fast_hessian": False,
         "batch_size": 4,
         "awq_search_stride": 1,
+        "fast_factorization": False,
+        "propagate_error": True,
     }
     for bad in ("fast", "raw:tokens=1", "tuned:warp=9", "tuned:search=0"):
         with pytest.raises(PipelineError):

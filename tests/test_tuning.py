@@ -14,11 +14,13 @@ import torch
 from pipeline.backends import tuning
 from pipeline.backends.tuning import (
     GIB,
+    FactorCache,
     GramCache,
     TuningPlan,
     calibration_loader,
     equal_length_batches,
     fast_accumulate_hessian,
+    fast_factorize_hessian,
     fused_causal_attention,
     is_causal_mask,
     loaded_weight_bytes,
@@ -66,6 +68,9 @@ def test_plan_for_8b_on_an_80gb_gpu(fake_gpu: None) -> None:
     awq = plan_tuning(MODEL_8B, [512] * 128, AWQ, free_bytes=63 * GIB)
     assert (awq.batch_size, awq.sequential_offload_device, awq.fast_hessian) == (32, "cuda", False)
     assert awq.awq_search_stride == 4  # the search scores one batch of four: 16,384 of 65,536 tokens
+    assert gptq.fast_factorization and gptq.propagate_error  # GPTQ's next layer must see its quantized outputs
+    assert not awq.fast_factorization and not awq.propagate_error
+    assert oneshot_overrides(awq.model_copy(update={"batch_size": 1}), calibration=None)["propagate_error"] is False
 
 
 def test_awq_search_subsample_keeps_small_calibration_whole(fake_gpu: None) -> None:
@@ -195,6 +200,41 @@ def test_fast_hessian_falls_back_for_fp32_and_reuses_shared_inputs() -> None:
     torch.testing.assert_close(2 * gram(x, x.device), ref_h, rtol=1e-5, atol=1e-4)
 
 
+def test_fast_factorization_matches_llmcompressor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same update factors, dead-column handling and RTN fallback as llm-compressor's `factorize_hessian`;
+    a Hessian seen twice (q/k/v share one) is factorized once."""
+    from llmcompressor.modifiers.gptq.helpers import factorize_hessian
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 32, dtype=torch.float64)
+    shared = (x.T @ x / 256).float()
+    shared[5, :] = shared[:, 5] = 0  # an input channel no token used
+    hessians = torch.stack([shared, shared.clone(), -torch.eye(32)])  # the last is not positive definite
+    weights = torch.randn(3, 4, 32)
+    ref_weights, ref_fallback = weights.clone(), torch.zeros(3, dtype=torch.bool)
+    ref = factorize_hessian(ref_weights, hessians.clone(), 0.01, ref_fallback)
+
+    factorizations: list[torch.Size] = []
+    cholesky = torch.linalg.cholesky_ex
+    counted = lambda h, **kw: factorizations.append(h.shape) or cholesky(h, **kw)  # noqa: E731
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counted)
+    fallback = torch.zeros(3, dtype=torch.bool)
+    fast = fast_factorize_hessian(FactorCache())(weights, hessians.clone(), 0.01, fallback)
+    assert len(factorizations) == 2
+    assert fallback.tolist() == ref_fallback.tolist() == [False, False, True]
+    assert torch.equal(weights, ref_weights) and not weights[:2, :, 5].any()
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_factor_cache_keeps_the_last_two_hessians() -> None:
+    cache = FactorCache()
+    eyes = [torch.eye(4) * (i + 1) for i in range(3)]
+    factors = [cache(h) for h in eyes]
+    assert cache(eyes[2].clone()) is factors[2] and cache(eyes[1]) is factors[1]
+    assert cache(eyes[0]) is not factors[0]  # evicted by the third
+    torch.testing.assert_close(factors[1], torch.eye(4) / 2**0.5)
+
+
 def _causal_float_mask(batch: int, length: int, dtype: torch.dtype) -> torch.Tensor:
     allowed = torch.ones(length, length, dtype=torch.bool).tril()
     mask = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
@@ -250,12 +290,12 @@ def _compare(default: Any, tuned: Any) -> tuple[float, float, float]:
     return mean_kl(default.reference, default.logp), mean_kl(tuned.reference, tuned.logp), equal / total
 
 
-def _tiny_run(spec: QuantizeSpec, plan: TuningPlan | None, dtype: torch.dtype) -> Any:
+def _tiny_run(spec: QuantizeSpec, plan: TuningPlan | None, dtype: torch.dtype, layers: int = 1) -> Any:
     from datasets import Dataset
 
     from pipeline.bench.synthetic_model import build_model, random_token_ids, synthetic_tokenizer, write_model_dir
 
-    shape = scaled_shape(QWEN3_8B, 1, 1 / 32)
+    shape = scaled_shape(QWEN3_8B, layers, 1 / 32)
     model_dir = write_model_dir(shape, Path(tempfile.mkdtemp(prefix="qpipe-test-")) / "m")
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, shape.vocab_size, (n,), generator=generator).tolist() for n in [24] * 6 + [16] * 3]
@@ -280,6 +320,37 @@ def test_exact_batching_and_gram_hessian_reproduce_the_default_weights() -> None
     assert abs(kl_tuned - kl_default) <= 0.01 * kl_default
 
 
+def test_fast_factorization_keeps_the_gptq_weights() -> None:
+    """Inside a real `oneshot`: the flipped, shared factorization gives the weights of llm-compressor's own, but
+    for a weight on a rounding boundary (the factors differ in the last bits)."""
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True)
+    default = _tiny_run(GPTQ, plan, torch.float32)
+    fast = _tiny_run(GPTQ, plan.model_copy(update={"fast_factorization": True}), torch.float32)
+    kl_default, kl_fast, equal = _compare(default, fast)
+    assert equal >= 0.999
+    assert abs(kl_fast - kl_default) <= 0.01 * kl_default
+
+
+def test_awq_without_propagation_pass_runs_each_layer_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`propagate_error=False` drops the second forward of every subgraph, and AWQ's result stays within 5 % KL
+    of the run with it (two layers, so the second layer's inputs come from the first's outputs)."""
+    from llmcompressor.pipelines.sequential.helpers import Subgraph
+
+    forwards: list[int] = []
+    forward = Subgraph.forward
+    monkeypatch.setattr(Subgraph, "forward", lambda self, *a, **kw: forwards.append(1) or forward(self, *a, **kw))
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4)
+    runs = []
+    for propagate in (True, False):
+        forwards.clear()
+        runs.append(_tiny_run(AWQ, plan.model_copy(update={"propagate_error": propagate}), torch.float32, layers=2))
+        runs[-1].forwards = len(forwards)
+    with_pass, without = runs
+    assert with_pass.forwards == 2 * without.forwards
+    kl_with, kl_without, _ = _compare(with_pass, without)
+    assert abs(kl_without - kl_with) <= 0.05 * kl_with
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_awq_search_scores_every_stride_th_batch_inside_oneshot(stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a real `oneshot`, the loss that ranks AWQ's candidates sees batches 0, stride, ... of the 3 cached ones
@@ -299,11 +370,25 @@ def test_awq_search_scores_every_stride_th_batch_inside_oneshot(stride: int, mon
     assert scored and set(scored) == {9 if stride == 1 else 4 + 3}
 
 
+def _full_plan(spec: QuantizeSpec) -> TuningPlan:
+    """What `plan_tuning` turns on for `spec` on a GPU, at batch 4 and without AWQ's search subsample."""
+    gptq = spec.method == "gptq"
+    return TuningPlan(
+        enabled=True,
+        reason="test",
+        batch_size=4,
+        fast_hessian=gptq,
+        fused_attention=True,
+        fast_factorization=gptq,
+        propagate_error=gptq,
+    )
+
+
 @pytest.mark.parametrize("spec", [GPTQ, AWQ], ids=["gptq", "awq"])
 def test_full_tuned_plan_keeps_kl_on_cpu(spec: QuantizeSpec) -> None:
     """Everything the GPU plan turns on for a calibration set this small (AWQ's search subsample starts at twice
     `AWQ_SEARCH_TOKENS`), forced on CPU: KL vs the unquantized model within 5 % of the default's."""
-    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True, fused_attention=True)
+    plan = _full_plan(spec)
     default = _tiny_run(spec.model_copy(update={"tuning": "off"}), None, torch.float32)
     tuned = _tiny_run(spec, plan, torch.float32)
     kl_default, kl_tuned, _ = _compare(default, tuned)
@@ -328,7 +413,7 @@ def test_tuned_plan_on_the_demo_model(demo_model_dir: Path, spec: QuantizeSpec, 
     calibration = Dataset.from_dict(dict(encoded))
     held = tokenizer([r["text"] for r in heldout_records()[:16]], truncation=True, max_length=64)["input_ids"]
     eval_ids = torch.tensor([ids for ids in held if len(ids) == 64][:4])
-    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True, fused_attention=True)
+    plan = _full_plan(spec)
     runs = []
     for run_spec, run_plan in ((spec.model_copy(update={"tuning": "off"}), None), (spec, plan)):
         model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)  # bf16 matmuls crawl on CPU

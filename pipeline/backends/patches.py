@@ -78,6 +78,14 @@ def llmcompressor_hessian(accumulate: Callable[[Callable[..., Any]], Callable[..
     return swap_attribute(base, "accumulate_hessian", accumulate(base.accumulate_hessian), LLMCOMPRESSOR)
 
 
+def llmcompressor_factorization(factorize: Callable[..., Any]) -> Any:
+    """GPTQ's Hessian factorization (`factorize_hessian`, as `quantize_weight` imported it) replaced by
+    `factorize`."""
+    from llmcompressor.modifiers.gptq import gptq_quantize
+
+    return swap_attribute(gptq_quantize, "factorize_hessian", factorize, LLMCOMPRESSOR)
+
+
 def llmcompressor_awq_samples(run_samples: Callable[..., Any]) -> Any:
     """AWQ's `_run_samples` (the parent module's forward over every cached batch, run once per grid point of its
     scale search) replaced by `run_samples(modifier, module)`."""

@@ -90,8 +90,11 @@ class Mode(BaseModel):
     batch_tokens: int = MAX_BATCH_TOKENS
 
 
+ON_OFF_OPTIONS = {"hessian": "fast_hessian", "factor": "fast_factorization", "propagate": "propagate_error"}
+
+
 def parse_mode(text: str) -> Mode:
-    """`raw`, `default`, `tuned` or `tuned:tokens=N,batch=B,offload=cpu|cuda,hessian=on|off,search=S`."""
+    """`raw`, `default`, `tuned` or `tuned:tokens=N,batch=B,offload=cpu|cuda,search=S,hessian=on|off,...`."""
     name, _, options = text.partition(":")
     if name not in ("raw", "default", "tuned") or (options and name != "tuned"):
         raise PipelineError(f"--modes {text!r}: use raw, default, tuned or tuned:key=value,...")
@@ -104,12 +107,12 @@ def parse_mode(text: str) -> Mode:
             mode.overrides["batch_size"] = int(value)
         elif key == "offload" and value in ("cpu", "cuda"):
             mode.overrides["sequential_offload_device"] = value
-        elif key == "hessian" and value in ("on", "off"):
-            mode.overrides["fast_hessian"] = value == "on"
         elif key == "search" and value.isdigit() and int(value) > 0:
             mode.overrides["awq_search_stride"] = int(value)
+        elif key in ON_OFF_OPTIONS and value in ("on", "off"):
+            mode.overrides[ON_OFF_OPTIONS[key]] = value == "on"
         else:
-            options_help = "tokens=N, batch=B, offload=, hessian=, search=S"
+            options_help = "tokens=N, batch=B, offload=, search=S, " + ", ".join(f"{k}=on|off" for k in ON_OFF_OPTIONS)
             raise PipelineError(f"--modes {text!r}: unknown option {item!r} ({options_help})")
     return mode
 
@@ -534,6 +537,9 @@ def describe_settings(run: RunResult) -> str:
     parts = [f"batch {plan['batch_size']}", f"cache {plan['sequential_offload_device']}"]
     if run.method == "gptq":
         parts.append("hessian bf16" if plan.get("fast_hessian") else "hessian fp32")
+        parts.append("factor flip, shared" if plan.get("fast_factorization") else "factor llm-compressor")
+    if not plan.get("propagate_error", True):
+        parts.append("no propagation pass")
     if run.method == "awq":
         stride = plan.get("awq_search_stride", 1)
         parts.append(f"search 1/{stride} of batches" if stride > 1 else "search all batches")
