@@ -9,8 +9,8 @@
 #   bash bench/gpu-e2e.sh run RECIPE [STEPS]  qpipe run RECIPE on the checkpoint (RUN_ARGS: more options, e.g.
 #                                             "--set smoke.serve_check=true"; RUN_TAG names its tarball and
 #                                             remembers its run directory; DATASET: calibration text, default
-#                                             the bundled corpus; RUN_PROFILE=1: cProfile and -X importtime
-#                                             output into $OUT); reports into $OUT
+#                                             the bundled corpus); reports and its stderr (with the
+#                                             bench/trace-run.py timeline) into $OUT
 #   bash bench/gpu-e2e.sh int4 TAG_A TAG_B    per-module int4 code histograms of two tagged runs' artifacts and
 #                                             the share of equal codes (pipeline/bench/int4.py) into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
@@ -32,15 +32,18 @@ SYSPY=$(command -v python3)        # the image's python, whose torch 2.11 vllm 0
 export QPIPE_CACHE=$ROOT/cache QPIPE_VLLM_ENV=$ROOT/vllm-env
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export NCCL_NVLS_ENABLE=0
+# The wheels go in with --no-compile and the image's packages may lack bytecode: without a writable cache every
+# process (and every torchrun rank) would compile its imports again, which an installed environment never does
+WAS_DONTWRITE=${PYTHONDONTWRITEBYTECODE:-}
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=$ROOT/pycache
 EVAL_LIMIT=${EVAL_LIMIT:-5}        # MMLU questions per subject (57 subjects)
 DATASET=${DATASET:-calibration/demo-calibration.jsonl}
 # main-env wheels that must not shadow the vLLM site's own (compressed-tensors 0.17, its pydantic, loguru)
 NOT_FOR_VLLM='/(auto_round|compressed_tensors|llmcompressor|loguru|pydantic|pydantic_core|annotated_types|typing_inspection)-'
 
 qpipe() { "$QENV/bin/python" -m pipeline.cli "$@"; }
-profiled_qpipe() {  # qpipe under cProfile, imports timed: where a run's time outside its stages goes
-  "$QENV/bin/python" -X importtime -m cProfile -o "$OUT/$PROFILE.prof" -m pipeline.cli "$@" 2>"$OUT/$PROFILE.importtime"
-}
+traced_qpipe() { "$QENV/bin/python" bench/trace-run.py "$@"; }  # plus "trace" lines: time outside the stages
 
 timed() {  # whole-command wall time; per-stage time, RSS and GPU memory are in each run's manifest
   local start=$SECONDS status=0
@@ -62,6 +65,12 @@ setup() {
     # lm-eval and what it needs beyond the image, kept for the vLLM site (`vllm` below): not llm-compressor's
     mkdir -p "$ROOT/lm-eval-wheels"
     find .whl/main -name '*.whl' | grep -vE "$NOT_FOR_VLLM" | xargs cp -t "$ROOT/lm-eval-wheels"
+  fi
+  if [ ! -d "$PYTHONPYCACHEPREFIX" ]; then  # what an installed environment has: its imports' bytecode
+    echo "PYTHONDONTWRITEBYTECODE was '${WAS_DONTWRITE:-}'; image transformers .pyc files:" \
+      "$(find "$("$SYSPY" -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')" -name '*.pyc' | wc -l)"
+    timed "$QENV/bin/python" -c 'import pipeline.cli, datasets, lm_eval, llmcompressor.entrypoints, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer' || true
   fi
   if [ ! -d "$ROOT/mmlu/test" ]; then
     mkdir -p "$ROOT/mmlu" && tar -xzf .carry/mmlu.tar.gz -C "$ROOT/mmlu"
@@ -107,11 +116,10 @@ run() {
   local recipe=$1 steps=${2:-calibrate,quantize,export,eval,smoke} status=0
   mkdir -p "$OUT"
   # shellcheck disable=SC2086
-  local cli=qpipe PROFILE=$recipe${RUN_TAG:+-$RUN_TAG}
-  [ -z "${RUN_PROFILE:-}" ] || cli=profiled_qpipe
-  timed $cli run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
+  timed traced_qpipe run "$recipe" --model "$CKPT" --output "$ART" --steps "$steps" \
     --set calibrate.dataset="$DATASET" --set eval.mmlu_dir="$ROOT/mmlu" \
-    --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 ${RUN_ARGS:-} || status=$?
+    --set eval.limit="$EVAL_LIMIT" --set eval.batch_size=16 ${RUN_ARGS:-} \
+    2> >(tee "$OUT/$recipe${RUN_TAG:+-$RUN_TAG}.stderr" >&2) || status=$?
   local dir
   dir=$(ls -td "$ART"/*/"$recipe"-* 2>/dev/null | head -1) || true  # the newest: RUN_ARGS may change the hash
   [ -z "${RUN_TAG:-}" ] || echo "$dir" >"$ROOT/run-$RUN_TAG"

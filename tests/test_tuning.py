@@ -278,7 +278,9 @@ def _quantize(
 
     reference = log_probs(model, eval_ids)
     Backend().quantize(model, tokenizer, calibration, spec, seed=0, plan=plan)
-    return SimpleNamespace(reference=reference, logp=log_probs(model, eval_ids), weights=quantized_weights(model))
+    return SimpleNamespace(
+        reference=reference, logp=log_probs(model, eval_ids), weights=quantized_weights(model), model=model
+    )
 
 
 def _compare(default: Any, tuned: Any) -> tuple[float, float, float]:
@@ -329,6 +331,21 @@ def test_fast_factorization_keeps_the_gptq_weights() -> None:
     kl_default, kl_fast, equal = _compare(default, fast)
     assert equal >= 0.999
     assert abs(kl_fast - kl_default) <= 0.01 * kl_default
+
+
+def test_save_writes_shards_the_export_can_hash_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`SHARD_SIZE` reaches transformers through llm-compressor's save wrapper: several shards and their index."""
+    from pipeline.backends import llmcompressor_backend
+    from pipeline.bench.synthetic_model import synthetic_tokenizer
+    from pipeline.run.manifest import hash_tree
+
+    run = _tiny_run(GPTQ, None, torch.float32)
+    monkeypatch.setattr(llmcompressor_backend, "SHARD_SIZE", "1MB")
+    llmcompressor_backend.Backend().save(run.model, synthetic_tokenizer(), tmp_path)
+    shards = {p.name for p in tmp_path.glob("model-*.safetensors")}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and set(index["weight_map"].values()) == shards
+    assert shards <= set(hash_tree(tmp_path))
 
 
 def test_awq_without_propagation_pass_runs_each_layer_once(monkeypatch: pytest.MonkeyPatch) -> None:

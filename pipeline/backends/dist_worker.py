@@ -79,7 +79,7 @@ def run(request: DistributedRequest) -> dict[str, Any]:
     """Quantize on this rank and save (collectively; rank 0 writes). Returns the summary rank 0 records."""
     from transformers import AutoTokenizer
 
-    from pipeline.backends.llmcompressor_backend import Backend
+    from pipeline.backends.llmcompressor_backend import SHARD_SIZE, Backend
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     start = time.perf_counter()
@@ -95,7 +95,7 @@ def run(request: DistributedRequest) -> dict[str, Any]:
         model.to(getattr(torch, request.export_dtype))
     if placement.device == "cuda":
         compress_replica(model)
-    model.save_pretrained(request.output, save_compressed=True)  # every rank joins; only rank 0 writes
+    model.save_pretrained(request.output, save_compressed=True, max_shard_size=SHARD_SIZE)  # all join, rank 0 writes
     if rank == 0:
         tokenizer.save_pretrained(request.output)
     mine = {

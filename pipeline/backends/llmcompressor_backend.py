@@ -19,6 +19,11 @@ from pipeline.backends.tuning import (
 )
 from pipeline.recipe.schema import QuantizeSpec
 
+# Safetensors shards of at most this size (llm-compressor's default is 20 GB): an 8B int4 model is three files
+# that the export stage hashes side by side (one 6 GB file took 5 s to hash on an H200 host) and loaders read
+# in parallel.
+SHARD_SIZE = "2GB"
+
 
 def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
     """`scheme=` for a plain preset, or `config_groups=` when single arguments are overridden."""
@@ -123,6 +128,6 @@ class Backend:
             model.to(dtype)
         from llmcompressor.core import active_session
 
-        model.save_pretrained(str(out_dir), save_compressed=True)
+        model.save_pretrained(str(out_dir), save_compressed=True, max_shard_size=SHARD_SIZE)
         tokenizer.save_pretrained(str(out_dir))
         active_session().reset()  # its lifecycle holds the model; saving (which writes recipe.yaml) was its last use
