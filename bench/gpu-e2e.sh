@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `qpipe run` on a real-size checkpoint on an offline GPU machine (docs/BENCHMARKS.md, "Every stage on the GPU").
 # Everything it installs lives under /tmp, so consecutive calls on one warm machine build on each other:
-#   bash bench/gpu-e2e.sh setup               main env from .whl/main, MMLU from .carry/mmlu.tar.gz, the checkpoint
+#   bash bench/gpu-e2e.sh qenv                the main env alone, from .whl/main (enough for `bench`)
+#   bash bench/gpu-e2e.sh setup               qenv, MMLU from .carry/mmlu.tar.gz, the checkpoint
 #   bash bench/gpu-e2e.sh piece               keep the .whl/vllm/site.tar.xz.part-* carried in this call
 #   bash bench/gpu-e2e.sh vllm                reassemble the vLLM site dir and link it as qpipe's vLLM env
 #   bash bench/gpu-e2e.sh corpus              $ROOT/mmlu-text.jsonl: the MMLU test questions as calibration
@@ -52,7 +53,7 @@ timed() {  # whole-command wall time; per-stage time, RSS and GPU memory are in 
   return $status
 }
 
-setup() {
+qenv() {
   mkdir -p "$ROOT"
   if [ ! -x "$QENV/bin/python" ]; then
     "$SYSPY" -m venv --without-pip "$QENV"
@@ -72,6 +73,10 @@ setup() {
     timed "$QENV/bin/python" -c 'import pipeline.cli, datasets, lm_eval, llmcompressor.entrypoints, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer' || true
   fi
+}
+
+setup() {
+  qenv
   if [ ! -d "$ROOT/mmlu/test" ]; then
     mkdir -p "$ROOT/mmlu" && tar -xzf .carry/mmlu.tar.gz -C "$ROOT/mmlu"
   fi
@@ -153,7 +158,7 @@ bench() {
 
 while [ $# -gt 0 ]; do
   case $1 in
-    setup | corpus | piece | vllm | bench) "$1"; shift ;;
+    qenv | setup | corpus | piece | vllm | bench) "$1"; shift ;;
     int4) int4 "$2" "$3"; shift 3 ;;
     serve) serve "$2"; shift 2 ;;
     run)
