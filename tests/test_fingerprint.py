@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.run import model_source
+from pipeline.run import files, model_source
 from pipeline.run.model_source import DIGEST_CACHE_FILE, ModelSource, model_fingerprint
 
 
@@ -24,15 +24,15 @@ def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Files model_fingerprint streamed, in order."""
+    """Files model_fingerprint streamed (side by side: in any order)."""
     seen: list[Path] = []
-    real = model_source.sha256_file
+    real = files.sha256_file
 
     def counting(path: Path) -> str:
         seen.append(path)
         return real(path)
 
-    monkeypatch.setattr(model_source, "sha256_file", counting)
+    monkeypatch.setattr(files, "sha256_file", counting)
     return seen
 
 

@@ -11,7 +11,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,13 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_files(paths: Sequence[Path]) -> list[str]:
+    """`sha256_file` of each path, side by side on up to 8 threads (hashlib releases the GIL on large blocks), so a
+    sharded checkpoint takes about as long as its largest shard when there are cores for each."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths), os.cpu_count() or 1))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def format_bytes(num: float) -> str:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pipeline.run.files import sha256_file, write_json_atomic
+from pipeline.run.files import sha256_files, write_json_atomic
 
 TRACKED_PACKAGES = (
     "qpipe",
@@ -55,11 +53,9 @@ def fingerprint(*parts: Any) -> str:
 
 
 def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under `root`, keyed by relative path. Files are hashed side by side
-    (hashlib releases the GIL), so a sharded checkpoint takes about the time of its largest shard."""
+    """sha256 and size of every file under `root`, keyed by relative path."""
     files = [p for p in sorted(root.rglob("*")) if p.is_file()]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(sha256_file, files))
+    digests = sha256_files(files)
     return {
         str(p.relative_to(root)): {"sha256": digest, "size": p.stat().st_size}
         for p, digest in zip(files, digests, strict=True)

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.paths import default_cache_root
 from pipeline.recipe.schema import MODELSCOPE_PREFIX, ModelSpec
-from pipeline.run.files import sha256_file, write_json_atomic
+from pipeline.run.files import sha256_files, write_json_atomic
 
 log = logging.getLogger("qpipe")  # run_context.LOGGER_NAME; importing it here would be circular
 
@@ -218,11 +218,10 @@ def _hash_files(files: dict[str, Path], identity: str, cache: dict[str, Any]) ->
     if total > LOG_HASH_BYTES:
         log.info("fingerprint: hashing %.1f GiB of %s (once: later runs reuse the digests)", total / 1024**3, identity)
     start = time.perf_counter()
-    digests = {}
+    stamps = {name: _file_stamp(path) for name, path in files.items()}  # first: a file changed while hashing
+    digests = dict(zip(files, sha256_files(list(files.values())), strict=True))  # fails the next run's check
     for name, path in files.items():
-        stamp = _file_stamp(path)  # taken first: a file changed while hashing fails the next run's check
-        digests[name] = sha256_file(path)
-        cache[str(path.resolve())] = {**stamp, "sha256": digests[name]}
+        cache[str(path.resolve())] = {**stamps[name], "sha256": digests[name]}
     if total > LOG_HASH_BYTES:
         log.info("fingerprint: hashed %d bytes in %.1f s", total, time.perf_counter() - start)
     return digests
