@@ -96,3 +96,22 @@ def test_tiny_side_by_side_run_and_report(tmp_path: Path) -> None:
     assert len(rows) == len(report.runs)
     render_report(tmp_path / "results", doc, root=tmp_path)  # idempotent: the generated section is replaced
     assert doc.read_text() == text
+
+
+def test_phase_timers_time_the_tuned_awq_forward() -> None:
+    """The search subsample replaces AWQ's `_run_samples` during `oneshot`; its forwards still count as awq_forward."""
+    from types import SimpleNamespace
+
+    from pipeline.backends import tuning
+    from pipeline.bench.benchmark import phase_timers
+
+    def parent(index: int) -> torch.Tensor:
+        return torch.full((1,), float(index))
+
+    cache = type("Cache", (), {"__len__": lambda self: 4, "fetch": lambda self, index: {"index": index}})()
+    phases: dict[str, float] = {}
+    original = tuning.strided_awq_samples
+    with phase_timers(phases):
+        outputs = tuning.strided_awq_samples(2)(SimpleNamespace(_parent_args_cache={parent: cache}), parent)
+    assert [float(o) for o in outputs] == [0.0, 2.0] and phases["awq_forward"] > 0
+    assert tuning.strided_awq_samples is original

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
+from pipeline.backends import tuning
 from pipeline.backends.tuning import GIB, MAX_BATCH_TOKENS, TuningPlan, plan_tuning
 from pipeline.bench.synthetic_model import (
     QWEN3_8B,
@@ -213,9 +214,12 @@ def phase_timers(phases: dict[str, float]) -> Iterator[None]:
 
     for (cls, attr, phase), (_, _, original) in zip(targets, originals, strict=True):
         setattr(cls, attr, timed(original, phase))
+    strided = tuning.strided_awq_samples  # the tuned path's `_run_samples`, swapped in during `oneshot`
+    tuning.strided_awq_samples = lambda stride: timed(strided(stride), "awq_forward")
     try:
         yield
     finally:
+        tuning.strided_awq_samples = strided
         for cls, attr, original in originals:
             setattr(cls, attr, original)
 
