@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.backends.llmcompressor_backend import Backend
 from pipeline.backends.tuning import TuningPlan
-from pipeline.bench.benchmark import log_probs, quantized_weights
+from pipeline.bench.benchmark import compare_weights, log_probs, quantized_weights
 from pipeline.demo.corpus import heldout_records
 from pipeline.demo.model import ensure_demo_model
 from pipeline.eval.fidelity import mean_kl
@@ -71,12 +71,10 @@ def main(mmlu_dir: Path) -> None:
         start = time.perf_counter()
         Backend().quantize(model, tokenizer, calibration, spec, seed=0, plan=plan)
         seconds = time.perf_counter() - start
-        weights = quantized_weights(model)
-        default_weights = default_weights or weights
-        equal = sum(int((default_weights[n] == w).sum()) for n, w in weights.items())
-        total = sum(w.numel() for w in weights.values())
+        default_weights = default_weights or quantized_weights(model)
+        equal = compare_weights(default_weights, model)["weights_equal_fraction"]
         kl = mean_kl(reference, log_probs(model, eval_ids))
-        print(json.dumps({"run": name, "kl": kl, "oneshot_s": round(seconds, 1), "equal_to_default": equal / total}))
+        print(json.dumps({"run": name, "kl": kl, "oneshot_s": round(seconds, 1), "equal_to_default": equal}))
 
 
 if __name__ == "__main__":

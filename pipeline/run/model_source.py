@@ -218,8 +218,9 @@ def _hash_files(files: dict[str, Path], identity: str, cache: dict[str, Any]) ->
     if total > LOG_HASH_BYTES:
         log.info("fingerprint: hashing %.1f GiB of %s (once: later runs reuse the digests)", total / 1024**3, identity)
     start = time.perf_counter()
-    stamps = {name: _file_stamp(path) for name, path in files.items()}  # first: a file changed while hashing
-    digests = dict(zip(files, sha256_files(list(files.values())), strict=True))  # fails the next run's check
+    # stamps taken before hashing: a file changed while it was hashed fails the next run's check
+    stamps = {name: _file_stamp(path) for name, path in files.items()}
+    digests = dict(zip(files, sha256_files(list(files.values())), strict=True))
     for name, path in files.items():
         cache[str(path.resolve())] = {**stamps[name], "sha256": digests[name]}
     if total > LOG_HASH_BYTES:
