@@ -268,7 +268,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--modes",
         nargs="+",
         default=["raw", "default", "tuned"],
-        help="raw, default, tuned or tuned:tokens=N,batch=B,offload=cpu|cuda,search=S,"
+        help="raw, default, tuned or tuned:tokens=N,batch=B,offload=cpu|cuda,search=S,gram=N,"
         "{hessian,factor,propagate}=on|off",
     )
     bench.add_argument("--layers", type=int, help="decoder layers (default: 36, the full model)")

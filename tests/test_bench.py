@@ -85,7 +85,9 @@ def test_tiny_side_by_side_run_and_report(tmp_path: Path) -> None:
     gptq = {r.mode: r for r in report.runs if r.method == "gptq"}
     assert not gptq["tuned"].plan["enabled"]  # no GPU: the tuned path is the default path
     assert gptq["tuned"].quality["weights_equal_fraction"] == 1.0
-    assert "gptq_solve" in gptq["default"].phases_s and gptq["default"].calib_tokens_per_s > 0
+    phases = gptq["default"].phases_s
+    assert set(phases) >= {"calibrate_pass", "propagate_pass", "gptq_hessian", "gptq_solve", "gptq_factorize"}
+    assert gptq["default"].calib_tokens_per_s > 0
 
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nProse stays.\n")

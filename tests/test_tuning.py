@@ -27,6 +27,7 @@ from pipeline.backends.tuning import (
     model_placement,
     oneshot_overrides,
     plan_tuning,
+    symmetric_gram,
     tuned_engine,
 )
 from pipeline.bench.synthetic_model import QWEN3_8B, qwen3_config, scaled_shape
@@ -198,6 +199,18 @@ def test_fast_hessian_falls_back_for_fp32_and_reuses_shared_inputs() -> None:
     assert gram(x, x.device) is not first  # an in-place change invalidates it
     ref_h, _ = accumulate_hessian(x, module, torch.zeros(16, 16), torch.zeros(()))
     torch.testing.assert_close(2 * gram(x, x.device), ref_h, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "block"), [(40, 16), (40, 40), (40, 64)])
+def test_symmetric_gram_is_the_full_product(n: int, block: int) -> None:
+    """Upper strips plus their mirror: XᵀX to float tolerance, and exactly symmetric (strips of 16 over 40
+    columns leave a narrow last one)."""
+    torch.manual_seed(0)
+    x = torch.randn(50, n).to(torch.bfloat16)
+    gram = symmetric_gram(x, block)
+    full = x.float().t() @ x.float()
+    assert gram.dtype == torch.float32 and torch.equal(gram, gram.t())
+    torch.testing.assert_close(gram, full, rtol=1e-5, atol=1e-4)
 
 
 def test_fast_factorization_matches_llmcompressor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -398,6 +411,7 @@ def _full_plan(spec: QuantizeSpec) -> TuningPlan:
         fused_attention=True,
         fast_factorization=gptq,
         propagate_error=gptq,
+        gram_block=16,
     )
 
 

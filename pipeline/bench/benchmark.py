@@ -7,8 +7,9 @@ Each run builds the same seeded model afresh (timed as stage ``build``) and quan
   every other argument at llm-compressor's default (batch 1, shuffled, activations offloaded to the CPU);
 * ``default``: the pipeline's backend with ``quantize.tuning: off``;
 * ``tuned``: the pipeline's backend with ``quantize.tuning: auto`` (what runs by default on a GPU);
-  ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B,search=S`` overrides single settings (ablations;
-  ``search=1``: AWQ scores its scales on every batch).
+  ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B,search=S,...`` overrides single settings (ablations;
+  ``search=1``: AWQ scores its scales on every batch; ``gram=N``: GPTQ's Hessian products in strips of N
+  columns, ``gram=100000`` the full product).
 
 With ``--num-gpus N`` the ``default`` and ``tuned`` modes run through the multi-GPU launcher instead
 (pipeline/backends/distributed.py: the model is saved, then quantized by N torchrun ranks); ``quantize`` is rank 0's
@@ -95,7 +96,7 @@ ON_OFF_OPTIONS = {"hessian": "fast_hessian", "factor": "fast_factorization", "pr
 
 
 def parse_mode(text: str) -> Mode:
-    """`raw`, `default`, `tuned` or `tuned:tokens=N,batch=B,offload=cpu|cuda,search=S,hessian=on|off,...`."""
+    """`raw`, `default`, `tuned` or `tuned:tokens=N,batch=B,offload=cpu|cuda,search=S,gram=N,hessian=on|off,...`."""
     name, _, options = text.partition(":")
     if name not in ("raw", "default", "tuned") or (options and name != "tuned"):
         raise PipelineError(f"--modes {text!r}: use raw, default, tuned or tuned:key=value,...")
@@ -110,10 +111,14 @@ def parse_mode(text: str) -> Mode:
             mode.overrides["sequential_offload_device"] = value
         elif key == "search" and value.isdigit() and int(value) > 0:
             mode.overrides["awq_search_stride"] = int(value)
+        elif key == "gram" and value.isdigit() and int(value) > 0:
+            mode.overrides["gram_block"] = int(value)
         elif key in ON_OFF_OPTIONS and value in ("on", "off"):
             mode.overrides[ON_OFF_OPTIONS[key]] = value == "on"
         else:
-            options_help = "tokens=N, batch=B, offload=, search=S, " + ", ".join(f"{k}=on|off" for k in ON_OFF_OPTIONS)
+            options_help = "tokens=N, batch=B, offload=, search=S, gram=N, " + ", ".join(
+                f"{k}=on|off" for k in ON_OFF_OPTIONS
+            )
             raise PipelineError(f"--modes {text!r}: unknown option {item!r} ({options_help})")
     return mode
 
@@ -188,40 +193,51 @@ def _free_memory(model: Any) -> None:
 
 @contextlib.contextmanager
 def phase_timers(phases: dict[str, float]) -> Iterator[None]:
-    """Accumulate the wall time of GPTQ's solves and AWQ's scale search (and its parts) into `phases`."""
-    from llmcompressor.modifiers.gptq import GPTQModifier
+    """Accumulate into `phases` the wall time of the sequential pipeline's two passes over each layer
+    (``calibrate_pass``, hooks on, which includes ``gptq_hessian``; ``propagate_pass``), GPTQ's solves
+    (``gptq_solve``, which includes ``gptq_factorize``) and AWQ's scale search (and its parts)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier, gptq_quantize
     from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    from llmcompressor.pipelines.sequential.helpers import Subgraph
 
-    targets = [
-        (GPTQModifier, "compress_modules", "gptq_solve"),
-        (AWQModifier, "_apply_smoothing", "awq_search"),
-        (AWQModifier, "_run_samples", "awq_forward"),
-        (AWQModifier, "_compute_loss", "awq_loss"),
-    ]
-    originals = [(cls, attr, getattr(cls, attr)) for cls, attr, _ in targets]
-
-    def timed(method: Callable[..., Any], phase: str) -> Callable[..., Any]:
+    def timed(method: Callable[..., Any], phase: str | Callable[[], str]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            name = phase if isinstance(phase, str) else phase()
             _sync()
             start = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
                 _sync()
-                phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
 
         return wrapper
 
-    for (cls, attr, phase), (_, _, original) in zip(targets, originals, strict=True):
-        setattr(cls, attr, timed(original, phase))
+    def subgraph_pass() -> str:
+        return "propagate_pass" if HooksMixin._HOOKS_DISABLED else "calibrate_pass"
+
+    targets: list[tuple[Any, str, str | Callable[[], str]]] = [
+        (Subgraph, "forward", subgraph_pass),
+        (GPTQModifier, "calibrate_module", "gptq_hessian"),
+        (GPTQModifier, "compress_modules", "gptq_solve"),
+        (gptq_quantize, "factorize_hessian", "gptq_factorize"),  # the default path's factorization
+        (tuning, "upper_inverse_factor", "gptq_factorize"),  # the tuned path's (it swaps factorize_hessian)
+        (AWQModifier, "_apply_smoothing", "awq_search"),
+        (AWQModifier, "_run_samples", "awq_forward"),
+        (AWQModifier, "_compute_loss", "awq_loss"),
+    ]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+    for (owner, attr, phase), (_, _, original) in zip(targets, originals, strict=True):
+        setattr(owner, attr, timed(original, phase))
     strided = tuning.strided_awq_samples  # the tuned path's `_run_samples`, swapped in during `oneshot`
     tuning.strided_awq_samples = lambda stride: timed(strided(stride), "awq_forward")
     try:
         yield
     finally:
         tuning.strided_awq_samples = strided
-        for cls, attr, original in originals:
-            setattr(cls, attr, original)
+        for owner, attr, original in originals:
+            setattr(owner, attr, original)
 
 
 def run_raw(model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seq_len: int) -> None:
@@ -540,7 +556,9 @@ def describe_settings(run: RunResult) -> str:
         return "engine defaults (batch 1, cache cpu)"
     parts = [f"batch {plan['batch_size']}", f"cache {plan['sequential_offload_device']}"]
     if run.method == "gptq":
-        parts.append("hessian bf16" if plan.get("fast_hessian") else "hessian fp32")
+        parts.append(
+            f"hessian bf16, strips {plan.get('gram_block', 'full')}" if plan.get("fast_hessian") else "hessian fp32"
+        )
         parts.append("factor flip, shared" if plan.get("fast_factorization") else "factor llm-compressor")
     if not plan.get("propagate_error", True):
         parts.append("no propagation pass")
