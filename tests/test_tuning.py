@@ -82,6 +82,18 @@ def test_awq_search_subsample_keeps_small_calibration_whole(fake_gpu: None) -> N
     assert (long.batch_size, long.awq_search_stride) == (8, 16)
 
 
+def test_awq_search_splits_across_ranks(fake_gpu: None) -> None:
+    """Two ranks with 64 of the 128 samples each score 8,192 tokens apiece (llm-compressor sums their losses): the
+    16,384 tokens one GPU scores, in half the search time per rank."""
+    one = plan_tuning(MODEL_8B, [512] * 128, AWQ, free_bytes=63 * GIB, ranks=1)
+    two = plan_tuning(MODEL_8B, [512] * 64, AWQ, free_bytes=63 * GIB, ranks=2)
+    assert (one.batch_size, one.awq_search_stride) == (32, 4)
+    assert (two.batch_size, two.awq_search_stride) == (16, 4)
+    assert 2 * two.batch_size * 512 == one.batch_size * 512 == tuning.AWQ_SEARCH_TOKENS
+    gptq = plan_tuning(MODEL_8B, [2048] * 64, GPTQ, free_bytes=63 * GIB, ranks=2)
+    assert gptq.batch_size == 16  # GPTQ's batches do not depend on the ranks
+
+
 def test_strided_awq_samples_runs_every_stride_th_batch() -> None:
     """Under the plan, AWQ's reference and candidate outputs come from batches 0, stride, 2·stride, ..."""
     from llmcompressor.modifiers.transform.awq.base import AWQModifier

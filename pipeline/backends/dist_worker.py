@@ -17,11 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from pipeline.backends.distributed import DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
+
+
+def rank_start(launched_at: float | None) -> dict[str, float]:
+    """Seconds from torchrun's start to this process's (`spawn_s`, when the parent said when it launched) and
+    from then to now (`startup_s`: interpreter, imports, process group)."""
+    created = psutil.Process().create_time()
+    started = {"startup_s": round(time.time() - created, 2)}
+    if launched_at is not None:
+        started["spawn_s"] = round(created - launched_at, 2)
+    return started
 
 
 def init_process_group() -> None:
@@ -75,8 +86,9 @@ def load_rank_calibration(path: str, rank: int, world_size: int) -> Any:
     return calibration.select(rank_slice(len(calibration), rank, world_size))
 
 
-def run(request: DistributedRequest) -> dict[str, Any]:
-    """Quantize on this rank and save (collectively; rank 0 writes). Returns the summary rank 0 records."""
+def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any]:
+    """Quantize on this rank and save (collectively; rank 0 writes). Returns the summary rank 0 records.
+    `started`: how long torchrun took to start this process and the process to reach `run` (`rank_start`)."""
     from transformers import AutoTokenizer
 
     from pipeline.backends.llmcompressor_backend import SHARD_SIZE, Backend
@@ -100,6 +112,7 @@ def run(request: DistributedRequest) -> dict[str, Any]:
         tokenizer.save_pretrained(request.output)
     mine = {
         "rank": rank,
+        **started,
         "load_s": round(loaded - start, 2),
         "quantize_s": round(quantized - loaded, 2),
         "save_s": round(time.perf_counter() - quantized, 2),
@@ -130,7 +143,7 @@ def main(argv: list[str]) -> int:
     request = DistributedRequest.model_validate_json(Path(argv[0]).read_text(encoding="utf-8"))
     init_process_group()
     try:
-        result = run(request)
+        result = run(request, rank_start(request.launched_at))
         if dist.get_rank() == 0:
             Path(request.result).write_text(json.dumps(result, indent=2), encoding="utf-8")
     finally:

@@ -76,6 +76,7 @@ class DistributedRequest(BaseModel):
     output: str  # rank 0 saves the compressed model and tokenizer here
     result: str  # rank 0 writes a JSON summary here
     reserve_cpu_bytes: int  # host memory the offloaded loading leaves free
+    launched_at: float | None = None  # epoch seconds when torchrun was started: ranks time their own start
 
 
 class LaunchPlan(BaseModel):
@@ -124,6 +125,7 @@ def launch_quantize(
     """Write the request into `work_dir`, run the worker on `num_gpus` ranks and return the plan and rank 0's result."""
     work_dir.mkdir(parents=True, exist_ok=True)
     request_file = work_dir / "request.json"
+    request = request.model_copy(update={"launched_at": time.time()})
     request_file.write_text(request.model_dump_json(indent=2), encoding="utf-8")
     plan = launch_plan(request_file, num_gpus)
     wall = run_launch(plan, log_file)
@@ -181,7 +183,9 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "samples_per_rank": [len(rank_slice(samples, r, plan.world_size)) for r in range(plan.world_size)],
             "quantize_s": result["quantize_s"],
             "launch_s": result["launch_s"],
-            "ranks": result["ranks"],  # per rank: load_s, quantize_s, save_s, peak_gpu_gib (None on CPU)
+            # per rank: spawn_s (torchrun starting it), startup_s (imports, process group), load_s, quantize_s,
+            # save_s, peak_gpu_gib (None on CPU)
+            "ranks": result["ranks"],
             "peak_gpu_gib": result["peak_gpu_gib"],
             "log": "logs/quantize-torchrun.log",
         },

@@ -21,7 +21,8 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
   about ``AWQ_SEARCH_TOKENS`` tokens) instead of all of them: the grid search re-runs each parent module
   once per candidate, which is most of AWQ's time, while the activation means that shape the candidates
   still see every token. AWQ batches hold at most ``AWQ_SEARCH_TOKENS`` tokens so the subsample is whole
-  batches;
+  batches. On N distributed ranks llm-compressor sums the ranks' losses, so each rank scores
+  ``AWQ_SEARCH_TOKENS / N``: the same tokens in all as on one GPU, and the search splits across the ranks;
 * factorizes GPTQ's Hessians with one Cholesky factorization and one triangular solve instead of
   llm-compressor's two factorizations and an inversion (the factor is the same, and closer to fp64), once per
   distinct Hessian (q/k/v and gate/up share theirs): that was about 8 of the 13 s of GPTQ's solves for the 8B
@@ -168,6 +169,13 @@ def placement_for(path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code:
     return model_placement(config, loaded_weight_bytes(path, config, dtype), spec)
 
 
+def world_size() -> int:
+    """Ranks of the initialized process group (1 outside a distributed run)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def plan_tuning(
     model: Any,
     lengths: list[int] | None,
@@ -175,8 +183,10 @@ def plan_tuning(
     *,
     free_bytes: int | None = None,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ranks: int | None = None,
 ) -> TuningPlan:
-    """The tuned settings for quantizing `model` on calibration samples of `lengths` tokens."""
+    """The tuned settings for quantizing `model` on calibration samples of `lengths` tokens (this rank's share
+    when `ranks`, by default the process group's size, is above 1)."""
     if spec.tuning == "off":
         return disabled("quantize.tuning is off")
     if not torch.cuda.is_available():
@@ -188,13 +198,14 @@ def plan_tuning(
         free_bytes, _ = torch.cuda.mem_get_info()
     budget = gpu_budget(free_bytes)
     seq_len = max(lengths)
+    search_tokens = max(1, AWQ_SEARCH_TOKENS // (ranks or world_size()))
     static_activations = SCHEMES[spec.scheme].activations == "static"
     if spec.batch_size > 1:
         batch = spec.batch_size
     elif static_activations:
         batch = 1  # activation observers average over batches: batching would change the scales
     else:
-        batch_tokens = min(max_batch_tokens, AWQ_SEARCH_TOKENS) if spec.method == "awq" else max_batch_tokens
+        batch_tokens = min(max_batch_tokens, search_tokens) if spec.method == "awq" else max_batch_tokens
         batch = max(1, min(len(lengths), batch_tokens // seq_len))
     fixed = solver_bytes(config, spec.method)
     cache = cache_bytes(config, sum(lengths), spec.method)
@@ -214,7 +225,7 @@ def plan_tuning(
         sequential_offload_device="cuda" if on_gpu_cache else "cpu",
         fast_hessian=spec.method == "gptq",
         fused_attention=True,
-        awq_search_stride=max(1, sum(lengths) // AWQ_SEARCH_TOKENS) if spec.method == "awq" else 1,
+        awq_search_stride=max(1, sum(lengths) // search_tokens) if spec.method == "awq" else 1,
         fast_factorization=spec.method == "gptq",
         propagate_error=spec.method == "gptq",
         free_gib=round(free_bytes / GIB, 1),
