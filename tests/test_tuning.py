@@ -412,6 +412,32 @@ def test_awq_search_scores_every_stride_th_batch_inside_oneshot(stride: int, mon
     assert scored and set(scored) == {9 if stride == 1 else 4 + 3}
 
 
+def test_calibration_pass_skips_the_last_product_with_identical_gptq_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two layers, three batches: the calibration pass computes `down_proj` only on each layer's first batch, the
+    propagation pass on all three; the Hessians, so every quantized weight, stay the same bit for bit."""
+    intermediate = scaled_shape(QWEN3_8B, 2, 1 / 32).intermediate_size
+    products: list[int] = []
+    linear_forward = torch.nn.Linear.forward
+
+    def counting(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.in_features == intermediate:
+            products.append(1)
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True)
+    runs = []
+    for skip in (False, True):
+        products.clear()
+        runs.append(_tiny_run(GPTQ, plan.model_copy(update={"skip_tail": skip}), torch.float32, layers=2))
+        runs[-1].products = len(products)
+    full, skipped = runs
+    assert _compare(full, skipped)[2] == 1.0
+    log_prob_products = 2 * 2 * 2  # two log-prob passes (before, after) over two samples, per layer
+    assert full.products - log_prob_products == 2 * (3 + 3)
+    assert skipped.products - log_prob_products == 2 * (1 + 3)
+
+
 def _full_plan(spec: QuantizeSpec) -> TuningPlan:
     """What `plan_tuning` turns on for `spec` on a GPU, at batch 4 and without AWQ's search subsample."""
     gptq = spec.method == "gptq"
@@ -423,6 +449,7 @@ def _full_plan(spec: QuantizeSpec) -> TuningPlan:
         fused_attention=True,
         fast_factorization=gptq,
         propagate_error=gptq,
+        skip_tail=gptq,
         gram_block=16,
     )
 

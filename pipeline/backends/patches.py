@@ -94,6 +94,13 @@ def llmcompressor_awq_samples(run_samples: Callable[..., Any]) -> Any:
     return swap_attribute(AWQModifier, "_run_samples", run_samples, LLMCOMPRESSOR)
 
 
+def llmcompressor_subgraph_forward(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """The sequential pipeline's `Subgraph.forward` (one traced layer on one batch) replaced by `wrap(original)`."""
+    from llmcompressor.pipelines.sequential.helpers import Subgraph
+
+    return swap_attribute(Subgraph, "forward", wrap(Subgraph.forward), LLMCOMPRESSOR)
+
+
 def llmcompressor_no_pinning() -> Any:
     """AWQ's activation cache pins host memory, which CPU-only torch refuses; without an accelerator
     there is no copy to speed up, so pinning becomes a no-op."""

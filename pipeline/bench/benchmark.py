@@ -92,7 +92,12 @@ class Mode(BaseModel):
     batch_tokens: int = MAX_BATCH_TOKENS
 
 
-ON_OFF_OPTIONS = {"hessian": "fast_hessian", "factor": "fast_factorization", "propagate": "propagate_error"}
+ON_OFF_OPTIONS = {
+    "hessian": "fast_hessian",
+    "factor": "fast_factorization",
+    "propagate": "propagate_error",
+    "tail": "skip_tail",
+}
 
 
 def parse_mode(text: str) -> Mode:
@@ -562,6 +567,8 @@ def describe_settings(run: RunResult) -> str:
         parts.append("factor flip, shared" if plan.get("fast_factorization") else "factor llm-compressor")
     if not plan.get("propagate_error", True):
         parts.append("no propagation pass")
+    elif plan.get("skip_tail"):
+        parts.append("calibration skips the last product")
     if run.method == "awq":
         stride = plan.get("awq_search_stride", 1)
         parts.append(f"search 1/{stride} of batches" if stride > 1 else "search all batches")
