@@ -12,6 +12,8 @@
 #                                             remembers its run directory; DATASET: calibration text, default
 #                                             the bundled corpus); reports and its stderr (with the
 #                                             bench/trace-run.py timeline) into $OUT
+#   bash bench/gpu-e2e.sh kl T1,T2,...        next-token KL(checkpoint || artifact) of tagged runs on the eval
+#                                             stage's fidelity set (pipeline/eval/fidelity.py) into $OUT/kl.json
 #   bash bench/gpu-e2e.sh int4 TAG_A TAG_B    per-module int4 code histograms of two tagged runs' artifacts and
 #                                             the share of equal codes (pipeline/bench/int4.py) into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
@@ -139,6 +141,30 @@ int4() {
     --out "$OUT/int4-$1-vs-$2.json"
 }
 
+kl() {
+  mkdir -p "$OUT"
+  local tags=$1 dirs=() t
+  for t in ${tags//,/ }; do dirs+=("$t=$(cat "$ROOT/run-$t")/model"); done
+  "$QENV/bin/python" - "$CKPT" "$OUT/kl.json" "${dirs[@]}" <<'PY'
+import json, sys
+from transformers import AutoTokenizer
+from pipeline.eval.fidelity import next_token_fidelity
+from pipeline.recipe.schema import CalibrateSpec, EvalSpec
+from pipeline.run.text_data import select_texts
+
+base, out, runs = sys.argv[1], sys.argv[2], dict(arg.split("=", 1) for arg in sys.argv[3:])
+spec = EvalSpec()
+texts = select_texts(CalibrateSpec(dataset=spec.fidelity_dataset, num_samples=spec.fidelity_samples),
+                     AutoTokenizer.from_pretrained(base))
+results = {}
+for tag, model in runs.items():
+    fid = next_token_fidelity(base, model, texts, spec.fidelity_max_length, batch_size=4)
+    results[tag] = {k: fid[k] for k in ("kl_mean", "top1_agreement", "wall_s")}
+    print(tag, results[tag], flush=True)
+json.dump(results, open(out, "w"), indent=2)
+PY
+}
+
 serve() {
   local recipes=$1 r status=0
   local -a dirs=()
@@ -160,6 +186,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     qenv | setup | corpus | piece | vllm | bench) "$1"; shift ;;
     int4) int4 "$2" "$3"; shift 3 ;;
+    kl) kl "$2"; shift 2 ;;
     serve) serve "$2"; shift 2 ;;
     run)
       # STEPS is a comma list of stage names; anything else is the next subcommand
