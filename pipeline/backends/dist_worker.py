@@ -25,11 +25,12 @@ from pipeline.backends.distributed import DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
 
 
-def rank_start(launched_at: float | None) -> dict[str, float]:
-    """Seconds from torchrun's start to this process's (`spawn_s`, when the parent said when it launched) and
-    from then to now (`startup_s`: interpreter, imports, process group)."""
+def rank_start(launched_at: float | None, entered: float) -> dict[str, float]:
+    """Seconds from torchrun's start to this process's (`spawn_s`, when the parent said when it launched), from
+    then to `main` (`import_s`: interpreter, torch, this module) and from `main` to now (`group_s`: the process
+    group, with compressed-tensors' imports)."""
     created = psutil.Process().create_time()
-    started = {"startup_s": round(time.time() - created, 2)}
+    started = {"import_s": round(entered - created, 2), "group_s": round(time.time() - entered, 2)}
     if launched_at is not None:
         started["spawn_s"] = round(created - launched_at, 2)
     return started
@@ -134,6 +135,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
 
 def main(argv: list[str]) -> int:
     """Entry point of each rank: `REQUEST.json` in, the saved model and (rank 0) `request.result` out."""
+    entered = time.time()
     if len(argv) != 1:
         print(
             f"usage: torchrun ... -m pipeline.backends.dist_worker REQUEST.json (got {len(argv)} arguments)",
@@ -143,7 +145,7 @@ def main(argv: list[str]) -> int:
     request = DistributedRequest.model_validate_json(Path(argv[0]).read_text(encoding="utf-8"))
     init_process_group()
     try:
-        result = run(request, rank_start(request.launched_at))
+        result = run(request, rank_start(request.launched_at, entered))
         if dist.get_rank() == 0:
             Path(request.result).write_text(json.dumps(result, indent=2), encoding="utf-8")
     finally:

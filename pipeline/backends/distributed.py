@@ -183,7 +183,7 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "samples_per_rank": [len(rank_slice(samples, r, plan.world_size)) for r in range(plan.world_size)],
             "quantize_s": result["quantize_s"],
             "launch_s": result["launch_s"],
-            # per rank: spawn_s (torchrun starting it), startup_s (imports, process group), load_s, quantize_s,
+            # per rank: spawn_s (torchrun starting it), import_s, group_s (the process group), load_s, quantize_s,
             # save_s, peak_gpu_gib (None on CPU)
             "ranks": result["ranks"],
             "peak_gpu_gib": result["peak_gpu_gib"],
