@@ -1,11 +1,12 @@
-"""Time and check two ways to get GPTQ's update factor: the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU).
+"""Time and check three ways to get GPTQ's update factor: the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU).
 
 llm-compressor 0.14 (`gptq.helpers.factorize_hessian`) computes L = chol(H), H⁻¹ = cholesky_inverse(L), then
 U = chol(H⁻¹, upper): two factorizations and an inversion. With J the reversal matrix, chol(JHJ) = Lf gives
-H⁻¹ = J Lf⁻ᵀ Lf⁻¹ J, so U = J Lf⁻¹ J: one factorization and one triangular solve ("flip").
+H⁻¹ = J Lf⁻ᵀ Lf⁻¹ J, so U = J Lf⁻¹ J: one factorization and one triangular solve ("flip"); "blocked" inverts
+Lf by halves with matrix products (`pipeline.backends.tuning.lower_inverse`, what the tuned path runs).
 
 Per layer of the Qwen3-8B shape GPTQ factorizes six 4096-wide Hessians (q/o, k/v, gate/up in pairs) and one
-12288-wide one (down_proj). Usage: python bench/gptq-factorize.py [--layers 36] > result.json
+12288-wide one (down_proj). Usage (repository root): python bench/gptq-factorize.py [--layers 36] > result.json
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import time
 
 import torch
+
+from pipeline.backends import tuning
 
 
 def damped_hessians(batch: int, n: int, tokens: int, seed: int) -> torch.Tensor:
@@ -49,6 +52,11 @@ def flip_factor(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1)
 
 
+def blocked_factor(h: torch.Tensor) -> torch.Tensor:
+    """The tuned path's: "flip" with L⁻¹ by halves (`tuning.lower_inverse`), one matrix at a time."""
+    return torch.stack([tuning.upper_inverse_factor(item) for item in h])
+
+
 def reference(h: torch.Tensor) -> torch.Tensor:
     """The fp64 factor the fp32 ones are compared with."""
     h64 = h.double()
@@ -71,12 +79,13 @@ def main() -> None:
     args = parser.parse_args()
     shapes = [(2, 4096), (2, 4096), (2, 4096), (1, 12288)]  # one layer: q/o, k/v, gate/up, down
     rows = []
-    per_layer = {"llmcompressor": 0.0, "flip": 0.0}
+    per_layer = {"llmcompressor": 0.0, "flip": 0.0, "blocked": 0.0}
     for seed, (batch, n) in enumerate(shapes):
         h = damped_hessians(batch, n, tokens=2 * n, seed=seed)
         ref = reference(h)
         row: dict[str, object] = {"batch": batch, "n": n}
-        for name, function in (("llmcompressor", llmcompressor_factor), ("flip", flip_factor)):
+        variants = (("llmcompressor", llmcompressor_factor), ("flip", flip_factor), ("blocked", blocked_factor))
+        for name, function in variants:
             seconds, factor = timed(function, h)
             per_layer[name] += seconds
             error = ((factor.double() - ref).norm() / ref.norm()).item()

@@ -24,6 +24,7 @@ from pipeline.backends.tuning import (
     fused_causal_attention,
     is_causal_mask,
     loaded_weight_bytes,
+    lower_inverse,
     model_placement,
     oneshot_overrides,
     plan_tuning,
@@ -249,6 +250,17 @@ def test_fast_factorization_matches_llmcompressor(monkeypatch: pytest.MonkeyPatc
     assert fallback.tolist() == ref_fallback.tolist() == [False, False, True]
     assert torch.equal(weights, ref_weights) and not weights[:2, :, 5].any()
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "leaf"), [(37, 8), (64, 16), (20, 32)])
+def test_lower_inverse_by_halves(n: int, leaf: int) -> None:
+    """The blocked inverse of a well-conditioned lower-triangular matrix (odd sizes split unevenly) is L⁻¹."""
+    torch.manual_seed(0)
+    x = torch.randn(2 * n, n, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64))
+    inverse = lower_inverse(lower, leaf)
+    assert torch.equal(inverse, inverse.tril())
+    torch.testing.assert_close(inverse @ lower, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
 def test_factor_cache_keeps_the_last_two_hessians() -> None:

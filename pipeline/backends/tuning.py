@@ -63,6 +63,7 @@ MAX_BATCH_TOKENS = 32768  # calibration tokens per batch: 16 x 2048 (GPTQ) or 64
 MEMORY_FRACTION = 0.9  # of free GPU memory the plan may count on
 RESERVED_BYTES = 2 * GIB  # allocator fragmentation, cuBLAS workspaces, the lm_head/embedding onload
 AWQ_SEARCH_TOKENS = 16384  # calibration tokens AWQ's grid search scores each scale candidate on (32 x 512)
+INVERSE_LEAF = 2048  # triangular blocks up to this size are inverted by one triangular solve
 GRAM_BLOCK = 2048  # columns per strip of the symmetric Hessian product: wide enough to keep the GEMMs efficient
 
 
@@ -333,14 +334,31 @@ def fast_accumulate_hessian(gram: GramCache, fallback: Callable[..., Any]) -> Ca
     return accumulate
 
 
+def lower_inverse(lower: torch.Tensor, leaf: int = INVERSE_LEAF) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L by halves, [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [-B⁻¹·C·A⁻¹, B⁻¹]], down to blocks
+    of `leaf` that one triangular solve inverts: about two thirds of the multiply-adds of a solve against the
+    identity, and in matrix products."""
+    n = lower.shape[-1]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    half = n // 2
+    a_inv = lower_inverse(lower[:half, :half], leaf)
+    b_inv = lower_inverse(lower[half:, half:], leaf)
+    out = torch.zeros_like(lower)
+    out[:half, :half] = a_inv
+    out[half:, half:] = b_inv
+    out[half:, :half] = -(b_inv @ (lower[half:, :half] @ a_inv))
+    return out
+
+
 def upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor | None:
     """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) that GPTQ's updates use, or None if H is not positive
     definite. With J the reversal matrix and chol(JHJ) = L: H⁻¹ = J·L⁻ᵀ·L⁻¹·J, so U = J·L⁻¹·J."""
     lower, info = torch.linalg.cholesky_ex(hessian.flip(-2, -1))
     if info.item() != 0:
         return None
-    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
-    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1)
+    return lower_inverse(lower).flip(-2, -1)
 
 
 class FactorCache:
