@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import torch
 import torch.distributed as dist
+from compressed_tensors.offload import init_dist
 
 from pipeline.backends.distributed import DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
@@ -27,8 +28,8 @@ from pipeline.backends.tuning import Placement, placement_for
 
 def rank_start(launched_at: float | None, entered: float) -> dict[str, float]:
     """Seconds from torchrun's start to this process's (`spawn_s`, when the parent said when it launched), from
-    then to `main` (`import_s`: interpreter, torch, this module) and from `main` to now (`group_s`: the process
-    group, with compressed-tensors' imports)."""
+    then to `main` (`import_s`: interpreter, torch, compressed-tensors and transformers) and from `main` to now
+    (`group_s`: the device, the process group and its first barrier)."""
     created = psutil.Process().create_time()
     started = {"import_s": round(entered - created, 2), "group_s": round(time.time() - entered, 2)}
     if launched_at is not None:
@@ -39,8 +40,6 @@ def rank_start(launched_at: float | None, entered: float) -> dict[str, float]:
 def init_process_group() -> None:
     """NCCL with one GPU per rank (compressed-tensors' `init_dist`), or gloo without CUDA."""
     if torch.cuda.is_available():
-        from compressed_tensors.offload import init_dist
-
         init_dist()
     else:
         dist.init_process_group(backend="gloo")

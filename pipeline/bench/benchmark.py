@@ -561,9 +561,8 @@ def describe_settings(run: RunResult) -> str:
         return "engine defaults (batch 1, cache cpu)"
     parts = [f"batch {plan['batch_size']}", f"cache {plan['sequential_offload_device']}"]
     if run.method == "gptq":
-        parts.append(
-            f"hessian bf16, strips {plan.get('gram_block', 'full')}" if plan.get("fast_hessian") else "hessian fp32"
-        )
+        strips = f" in {plan['gram_block']}-column strips" if "gram_block" in plan else ""
+        parts.append(f"hessian bf16{strips}" if plan.get("fast_hessian") else "hessian fp32")
         parts.append("factor flip, shared" if plan.get("fast_factorization") else "factor llm-compressor")
     if not plan.get("propagate_error", True):
         parts.append("no propagation pass")
