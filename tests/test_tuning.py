@@ -127,6 +127,9 @@ def test_plan_shrinks_to_fit_small_memory(fake_gpu: None) -> None:
 def test_plan_keeps_batch_one_for_static_activations_and_honours_explicit_batch(fake_gpu: None) -> None:
     static = QuantizeSpec(method="rtn", scheme="FP8")
     assert plan_tuning(MODEL_8B, [512] * 64, static, free_bytes=63 * GIB).batch_size == 1
+    static_gptq = plan_tuning(MODEL_8B, [512] * 64, QuantizeSpec(method="gptq", scheme="FP8"), free_bytes=63 * GIB)
+    assert static_gptq.propagate_error and not static_gptq.skip_tail  # its activation scales see the whole pass
+    assert plan_tuning(MODEL_8B, [2048] * 128, GPTQ, free_bytes=63 * GIB).skip_tail
     explicit = GPTQ.model_copy(update={"batch_size": 4})
     assert plan_tuning(MODEL_8B, [2048] * 128, explicit, free_bytes=63 * GIB).batch_size == 4
 

@@ -9,7 +9,8 @@ Each run builds the same seeded model afresh (timed as stage ``build``) and quan
 * ``tuned``: the pipeline's backend with ``quantize.tuning: auto`` (what runs by default on a GPU);
   ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B,search=S,...`` overrides single settings (ablations;
   ``search=1``: AWQ scores its scales on every batch; ``gram=N``: GPTQ's Hessian products in strips of N
-  columns, ``gram=100000`` the full product).
+  columns, ``gram=100000`` the full product; ``tail=off``: GPTQ's calibration pass computes each layer's last
+  product).
 
 With ``--num-gpus N`` the ``default`` and ``tuned`` modes run through the multi-GPU launcher instead
 (pipeline/backends/distributed.py: the model is saved, then quantized by N torchrun ranks); ``quantize`` is rank 0's
