@@ -388,6 +388,19 @@ def test_save_writes_shards_the_export_can_hash_side_by_side(monkeypatch: pytest
     assert shards <= set(hash_tree(tmp_path))
 
 
+def _counted_runs(
+    spec: QuantizeSpec, plan: TuningPlan, field: str, values: tuple[Any, ...], counter: list[int]
+) -> list[Any]:
+    """Two-layer `_tiny_run`s with `plan.<field>` set to each of `values`; each run's `count` is how many entries
+    `counter` (filled by a monkeypatched call) gained during it."""
+    runs = []
+    for value in values:
+        counter.clear()
+        runs.append(_tiny_run(spec, plan.model_copy(update={field: value}), torch.float32, layers=2))
+        runs[-1].count = len(counter)
+    return runs
+
+
 def test_awq_without_propagation_pass_runs_each_layer_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """`propagate_error=False` drops the second forward of every subgraph, and AWQ's result stays within 5 % KL
     of the run with it (two layers, so the second layer's inputs come from the first's outputs)."""
@@ -397,13 +410,8 @@ def test_awq_without_propagation_pass_runs_each_layer_once(monkeypatch: pytest.M
     forward = Subgraph.forward
     monkeypatch.setattr(Subgraph, "forward", lambda self, *a, **kw: forwards.append(1) or forward(self, *a, **kw))
     plan = TuningPlan(enabled=True, reason="test", batch_size=4)
-    runs = []
-    for propagate in (True, False):
-        forwards.clear()
-        runs.append(_tiny_run(AWQ, plan.model_copy(update={"propagate_error": propagate}), torch.float32, layers=2))
-        runs[-1].forwards = len(forwards)
-    with_pass, without = runs
-    assert with_pass.forwards == 2 * without.forwards
+    with_pass, without = _counted_runs(AWQ, plan, "propagate_error", (True, False), forwards)
+    assert with_pass.count == 2 * without.count
     kl_with, kl_without, _ = _compare(with_pass, without)
     assert abs(kl_without - kl_with) <= 0.05 * kl_with
 
@@ -441,16 +449,11 @@ def test_calibration_pass_skips_the_last_product_with_identical_gptq_weights(mon
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counting)
     plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True)
-    runs = []
-    for skip in (False, True):
-        products.clear()
-        runs.append(_tiny_run(GPTQ, plan.model_copy(update={"skip_tail": skip}), torch.float32, layers=2))
-        runs[-1].products = len(products)
-    full, skipped = runs
+    full, skipped = _counted_runs(GPTQ, plan, "skip_tail", (False, True), products)
     assert _compare(full, skipped)[2] == 1.0
     log_prob_products = 2 * 2 * 2  # two log-prob passes (before, after) over two samples, per layer
-    assert full.products - log_prob_products == 2 * (3 + 3)
-    assert skipped.products - log_prob_products == 2 * (1 + 3)
+    assert full.count - log_prob_products == 2 * (3 + 3)
+    assert skipped.count - log_prob_products == 2 * (1 + 3)
 
 
 def _full_plan(spec: QuantizeSpec) -> TuningPlan:
