@@ -135,16 +135,20 @@ run() {
   echo "qpipe run $recipe exit $status"
 }
 
+tagged_model() {  # the artifact of the run `run` remembered under RUN_TAG=$1
+  echo "$(cat "$ROOT/run-$1")/model"
+}
+
 int4() {
   mkdir -p "$OUT"
-  "$QENV/bin/python" -m pipeline.bench.int4 "$(cat "$ROOT/run-$1")/model" "$(cat "$ROOT/run-$2")/model" \
+  "$QENV/bin/python" -m pipeline.bench.int4 "$(tagged_model "$1")" "$(tagged_model "$2")" \
     --out "$OUT/int4-$1-vs-$2.json"
 }
 
 kl() {
   mkdir -p "$OUT"
   local tags=$1 dirs=() t
-  for t in ${tags//,/ }; do dirs+=("$t=$(cat "$ROOT/run-$t")/model"); done
+  for t in ${tags//,/ }; do dirs+=("$t=$(tagged_model "$t")"); done
   "$QENV/bin/python" - "$CKPT" "$OUT/kl.json" "${dirs[@]}" <<'PY'
 import json, sys
 from transformers import AutoTokenizer
