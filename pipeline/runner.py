@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.artifact.card import write_model_card
-from pipeline.backends.distributed import check_parallel_resources
+from pipeline.backends.distributed import RankLaunch, check_parallel_resources
 from pipeline.errors import GateFailed, GateInconclusive
 from pipeline.recipe.load import recipe_yaml
 from pipeline.recipe.schema import Recipe
@@ -195,13 +195,18 @@ def _finalize(ctx: RunContext) -> None:
         ctx.run_dir = final
 
 
-def _run_stages(recipe: Recipe, ctx: RunContext, steps: list[str], force: bool) -> None:
-    """The planned stages in order, each recorded in the manifest; then the card and the final directory name."""
+def _run_stages(recipe: Recipe, ctx: RunContext, steps: list[str], force: bool, ranks: RankLaunch | None) -> None:
+    """The planned stages in order, each recorded in the manifest; then the card and the final directory name.
+    Prestarted `ranks` go to the quantize stage, or are stopped at once when it does not run."""
     handler = _attach_log_file(ctx.run_dir)
     try:
         fps = stage_fingerprints(recipe, ctx)
         todo = _plan(steps, ctx, fps, force)
         check_parallel_resources(recipe, todo)
+        if ranks is not None and "quantize" in todo:
+            ctx.state["ranks"] = ranks
+        elif ranks is not None:
+            ranks.stop()
         stages = _stages()
         if fps["calibrate"] is None and "calibrate" in steps:
             ctx.manifest.stages["calibrate"] = StageRecord(status="not-needed", note="scheme needs no calibration")
@@ -228,9 +233,15 @@ def _run_stages(recipe: Recipe, ctx: RunContext, steps: list[str], force: bool) 
 
 
 def run_pipeline(
-    recipe: Recipe, recipe_source: Path, steps: list[str], force: bool = False, output: Path | None = None
+    recipe: Recipe,
+    recipe_source: Path,
+    steps: list[str],
+    force: bool = False,
+    output: Path | None = None,
+    ranks: RankLaunch | None = None,
 ) -> RunContext:
-    """Run (or resume) the recipe; returns the context whose manifest records every stage.
+    """Run (or resume) the recipe; returns the context whose manifest records every stage. `ranks`: torchrun
+    already started for a quantize stage on several GPUs (`prestarted_ranks`).
 
     A failed or inconclusive quality gate is recorded (manifest `gate`, artifact kept) and raised after the
     remaining stages ran, so the exit code says so (3 failed, 4 inconclusive)."""
@@ -238,7 +249,7 @@ def run_pipeline(
     final = run_directory(recipe, source, output)
     with exclusive_lock(final.with_name(f".{final.name}.lock"), str(final)):
         ctx = _open_context(recipe, recipe_source, source, final)
-        _run_stages(recipe, ctx, steps, force)
+        _run_stages(recipe, ctx, steps, force, ranks)
     if ctx.manifest.gate == "failed":
         raise GateFailed(f"eval: quality gate failed; artifact kept at {ctx.run_dir} (manifest gate: failed)")
     if ctx.manifest.gate == "inconclusive":

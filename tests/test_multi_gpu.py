@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 import types
@@ -16,12 +17,14 @@ import torch
 
 from pipeline.backends import distributed
 from pipeline.backends.distributed import (
+    DistributedRequest,
     LaunchPlan,
+    RankLaunch,
     check_parallel_resources,
     launch_plan,
+    prestarted_ranks,
     rank_slice,
     require_gpus,
-    run_launch,
 )
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.paths import import_root
@@ -145,6 +148,7 @@ def test_launch_plan_is_torchrun_with_nvls_off(monkeypatch: pytest.MonkeyPatch) 
     assert plan.env["NCCL_NVLS_ENABLE"] == "0"
     assert plan.env["OMP_NUM_THREADS"] == "16"
     assert plan.env["PYTHONPATH"] == os.pathsep.join([str(import_root()), "/elsewhere"])
+    assert plan.env["QPIPE_PARENT_PID"] == str(os.getpid())  # waiting ranks give up when this process is gone
     assert launch_plan(Path("r.json"), 4, cpu_count=2).env["OMP_NUM_THREADS"] == "1"
 
 
@@ -155,10 +159,24 @@ def test_rank_slices_partition_the_calibration_set(samples: int, ranks: int) -> 
     assert max(map(len, slices)) - min(map(len, slices)) <= 1 and min(map(len, slices)) >= 1
 
 
+def _request(tmp_path: Path) -> DistributedRequest:
+    return DistributedRequest(
+        model="m",
+        dtype="auto",
+        calibration="c",
+        quantize=QuantizeSpec(),
+        output=str(tmp_path / "out"),
+        result=str(tmp_path / "result.json"),
+        reserve_cpu_bytes=0,
+    )
+
+
 def test_launch_failure_and_timeout_kill_the_process_group(tmp_path: Path) -> None:
     failing = LaunchPlan(argv=[sys.executable, "-c", "raise SystemExit(3)"], env={}, world_size=2)
+    launch = RankLaunch(2, plan=failing)
     with pytest.raises(StageFailed, match=r"torchrun \(2 ranks\) exited 3; log: "):
-        run_launch(failing, tmp_path / "fail.log")
+        launch.run(_request(tmp_path), tmp_path / "fail.log")
+    assert (tmp_path / "fail.log").is_file() and not launch.dir.exists()  # log kept, temporary files gone
     pid_file = tmp_path / "child.pid"
     spawn = (
         "import subprocess, sys, time; "
@@ -167,12 +185,37 @@ def test_launch_failure_and_timeout_kill_the_process_group(tmp_path: Path) -> No
     )
     hanging = LaunchPlan(argv=[sys.executable, "-c", spawn], env={"QPIPE_PROBE": "1"}, world_size=2)
     with pytest.raises(StageFailed, match=r"did not finish within 3 s"):
-        run_launch(hanging, tmp_path / "hang.log", timeout_s=3)
-    child = int(pid_file.read_text())
+        RankLaunch(2, plan=hanging).run(_request(tmp_path), tmp_path / "hang.log", timeout_s=3)
+    _assert_dies(int(pid_file.read_text()))
+
+
+def _assert_dies(pid: int) -> None:
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(child), "the rank's child process survived the timeout"
+    assert not _alive(pid), "a rank's process survived"
+
+
+def test_ranks_start_only_for_a_quantize_stage_on_several_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeping = LaunchPlan(argv=[sys.executable, "-c", "import time; time.sleep(60)"], env={}, world_size=2)
+    monkeypatch.setattr(distributed, "launch_plan", lambda *args: sleeping)
+    one, two = (build_recipe({"name": "r", "quantize": {"num_gpus": n}}, "r.yaml") for n in (1, 2))
+    with prestarted_ranks(one, ["calibrate", "quantize"]) as none, prestarted_ranks(two, ["eval"]) as neither:
+        assert none is None and neither is None
+    with prestarted_ranks(two, ["calibrate", "quantize"]) as ranks:
+        assert ranks is not None and ranks.proc.poll() is None
+    _assert_dies(ranks.proc.pid)  # stopped on the way out, whatever happened inside
+
+
+def test_a_waiting_rank_gives_up_when_its_parent_is_gone(tmp_path: Path) -> None:
+    from pipeline.backends.dist_worker import wait_for_request
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with pytest.raises(SystemExit, match=rf"parent process {gone.pid} exited before writing"):
+        wait_for_request(tmp_path / "request.json", gone.pid)
+    (tmp_path / "request.json").write_text(_request(tmp_path).model_dump_json())
+    assert wait_for_request(tmp_path / "request.json", gone.pid).model == "m"  # a written request is read
 
 
 def _alive(pid: int) -> bool:
@@ -302,10 +345,13 @@ def test_vllm_eval_passes_tensor_parallel_and_sizes_context_for_the_model(tmp_pa
 
 
 def _run_gptq(model_dir: Path, output: Path, num_gpus: int) -> Path:
+    """As `qpipe run` does: ranks for several GPUs start before the run and wait for the quantize stage."""
     from pipeline.runner import run_pipeline
 
     recipe, path = load_recipe("gptq", [*TINY, f"quantize.num_gpus={num_gpus}"], str(model_dir))
-    return run_pipeline(recipe, path, ["calibrate", "quantize", "export"], output=output).run_dir
+    steps = ["calibrate", "quantize", "export"]
+    with prestarted_ranks(recipe, steps) as ranks:
+        return run_pipeline(recipe, path, steps, output=output, ranks=ranks).run_dir
 
 
 @pytest.mark.e2e  # torchrun with two gloo ranks (~20 s)
@@ -332,11 +378,14 @@ def test_two_rank_gloo_gptq_matches_single_process(
     assert stage["distributed"]["world_size"] == 2 and stage["distributed"]["samples_per_rank"] == [4, 4]
     ranks = stage["distributed"]["ranks"]  # each rank's start / load / calibrate+quantize / save split and GPU peak
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["load_s"] > 0 and r["save_s"] > 0 for r in ranks)
-    assert all(r["import_s"] > 0 and r["group_s"] > 0 for r in ranks)
-    assert all(0 <= r["spawn_s"] < stage["distributed"]["launch_s"] for r in ranks)
-    assert ranks[0]["quantize_s"] == stage["distributed"]["quantize_s"] and stage["distributed"]["peak_gpu_gib"] is None
-    argv = stage["distributed"]["argv"]
-    assert argv[-3:-1] == ["-m", "pipeline.backends.dist_worker"] and argv[-1].endswith("/quantize-dist/request.json")
+    launch = stage["distributed"]
+    assert all(r["import_s"] > 0 and r["group_s"] > 0 and r["idle_s"] >= 0 for r in ranks)
+    assert launch["ahead_s"] > 0 and launch["exit_s"] >= 0  # started before the calibrate stage ran
+    # no rank read its request before the quantize stage wrote it
+    assert all(r["spawn_s"] + r["import_s"] + r["group_s"] + r["idle_s"] >= launch["ahead_s"] - 0.05 for r in ranks)
+    assert ranks[0]["quantize_s"] == launch["quantize_s"] and launch["peak_gpu_gib"] is None
+    argv = launch["argv"]
+    assert argv[-3:-1] == ["-m", "pipeline.backends.dist_worker"] and argv[-1].endswith("/request.json")
     assert stage["modifiers"] == ["GPTQModifier"] and stage["calibration_samples"] == 8
     log = (multi / "logs" / "quantize-torchrun.log").read_text()
     assert "partitioning dataset across ranks" not in log  # each rank got its own slice from the worker
@@ -351,6 +400,16 @@ def test_two_rank_gloo_gptq_matches_single_process(
     model = AutoModelForCausalLM.from_pretrained(multi / "model")
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+    # run again: quantize is up to date, so ranks started for it are stopped before anything else runs
+    from pipeline.runner import run_pipeline
+
+    recipe, path = load_recipe("gptq", [*TINY, "quantize.num_gpus=2"], str(tiny_model_dir))
+    idle = LaunchPlan(argv=[sys.executable, "-c", "import time; time.sleep(60)"], env={}, world_size=2)
+    ranks = RankLaunch(2, plan=idle)
+    run_pipeline(recipe, path, ["calibrate", "quantize", "export"], output=tmp_path / "multi", ranks=ranks)
+    assert ranks.proc.poll() is not None and not ranks.dir.exists()
+    assert Manifest.load(multi / "manifest.json").stages["quantize"].outputs == stage
 
 
 def _compress_on_rank(rank: int, port: int, out: str, local_first: bool) -> None:

@@ -2,16 +2,19 @@
 
 ``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.backends.dist_worker REQUEST.json``
 
-Every rank joins the process group (NCCL on GPUs, gloo on CPU), loads the model (onto its own GPU when it
-fits there; otherwise through llm-compressor's offloaded loading: rank 0 reads the weights, the other ranks
-share them through host memory), calibrates
-on its contiguous slice of the calibration set and takes part in saving (a GPU-resident replica is compressed
-by its own rank first: `compress_replica`); rank 0 writes the model, the tokenizer and a JSON result.
+Every rank imports what it will need and joins the process group (NCCL on GPUs, gloo on CPU) before
+REQUEST.json exists, and waits for the parent to write it (giving up if the parent is gone). Then it loads the
+model (onto its own GPU when it fits there; otherwise through llm-compressor's offloaded loading: rank 0 reads
+the weights, the other ranks share them through host memory), calibrates on its contiguous slice of the
+calibration set and takes part in saving (a GPU-resident replica is compressed by its own rank first:
+`compress_replica`); rank 0 writes the model, the tokenizer and a JSON result.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,19 +25,43 @@ import torch
 import torch.distributed as dist
 from compressed_tensors.offload import init_dist
 
-from pipeline.backends.distributed import DistributedRequest, rank_slice
+from pipeline.backends.distributed import PARENT_PID_ENV, DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
 
+POLL_S = 0.05  # how often a waiting rank looks for its request
 
-def rank_start(launched_at: float | None, entered: float) -> dict[str, float]:
-    """Seconds from torchrun's start to this process's (`spawn_s`, when the parent said when it launched), from
-    then to `main` (`import_s`: interpreter, torch, compressed-tensors and transformers) and from `main` to now
-    (`group_s`: the device, the process group and its first barrier)."""
-    created = psutil.Process().create_time()
-    started = {"import_s": round(entered - created, 2), "group_s": round(time.time() - entered, 2)}
+
+def rank_start(launched_at: float | None, created: float, marks: dict[str, float]) -> dict[str, float]:
+    """This process's start in parts, from epoch-second `marks` (`imported`, `grouped`, `requested`):
+    `spawn_s` torchrun starting it (when the parent said when it launched torchrun), `import_s` the
+    interpreter and the libraries (`preload`), `group_s` the device, the process group and its first barrier,
+    `idle_s` ready and waiting for the request (a start the parent's own work hid completely)."""
+    started = {
+        "import_s": round(marks["imported"] - created, 2),
+        "group_s": round(marks["grouped"] - marks["imported"], 2),
+        "idle_s": round(marks["requested"] - marks["grouped"], 2),
+    }
     if launched_at is not None:
         started["spawn_s"] = round(created - launched_at, 2)
     return started
+
+
+def preload() -> None:
+    """Import what `run` uses before the request comes, while the parent still validates and calibrates."""
+    import datasets  # noqa: F401
+    import llmcompressor  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    from pipeline.backends import llmcompressor_backend  # noqa: F401
+
+
+def wait_for_request(path: Path, parent_pid: int | None) -> DistributedRequest:
+    """The request, once the parent has written it (atomically); exits if the parent is gone first."""
+    while not path.is_file():
+        if parent_pid is not None and not psutil.pid_exists(parent_pid):
+            raise SystemExit(f"dist_worker: parent process {parent_pid} exited before writing {path}")
+        time.sleep(POLL_S)
+    return DistributedRequest.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 def init_process_group() -> None:
@@ -88,7 +115,7 @@ def load_rank_calibration(path: str, rank: int, world_size: int) -> Any:
 
 def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any]:
     """Quantize on this rank and save (collectively; rank 0 writes). Returns the summary rank 0 records.
-    `started`: how long torchrun took to start this process and the process to reach `run` (`rank_start`)."""
+    `started`: this process's start in parts (`rank_start`)."""
     from transformers import AutoTokenizer
 
     from pipeline.backends.llmcompressor_backend import SHARD_SIZE, Backend
@@ -133,18 +160,24 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of each rank: `REQUEST.json` in, the saved model and (rank 0) `request.result` out."""
-    entered = time.time()
+    """Entry point of each rank: `REQUEST.json` in (once the parent writes it), the saved model and (rank 0)
+    `request.result` out."""
     if len(argv) != 1:
         print(
             f"usage: torchrun ... -m pipeline.backends.dist_worker REQUEST.json (got {len(argv)} arguments)",
             file=sys.stderr,
         )
         return 2
-    request = DistributedRequest.model_validate_json(Path(argv[0]).read_text(encoding="utf-8"))
+    created = psutil.Process().create_time()
+    preload()
+    marks = {"imported": time.time()}
     init_process_group()
+    marks["grouped"] = time.time()
     try:
-        result = run(request, rank_start(request.launched_at, entered))
+        parent = os.environ.get(PARENT_PID_ENV)
+        request = wait_for_request(Path(argv[0]), int(parent) if parent else None)
+        marks["requested"] = time.time()
+        result = run(request, rank_start(request.launched_at, created, marks))
         if dist.get_rank() == 0:
             Path(request.result).write_text(json.dumps(result, indent=2), encoding="utf-8")
     finally:
@@ -152,5 +185,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def leave(code: int) -> None:
+    """Exit without the interpreter's teardown, which takes seconds with torch, transformers and llm-compressor
+    loaded (and a GPU context) while torchrun and the quantize stage wait: the files are written and closed and
+    the process group is gone, so only the logs need flushing."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))

@@ -1,9 +1,12 @@
 """Multi-GPU: visible-GPU checks and the `torchrun` launch of the distributed quantize worker.
 
-With ``quantize.num_gpus: N > 1`` the quantize stage writes a request, launches
+With ``quantize.num_gpus: N > 1``, ``qpipe run`` starts
 ``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.backends.dist_worker REQUEST`` (torchrun)
-and waits for it; each rank calibrates on its slice of the calibration set (llm-compressor synchronises the
-statistics), rank 0 saves the compressed model, and export moves that folder into the artifact.
+as soon as the recipe is loaded (`prestarted_ranks`): the ranks import their libraries and join the process group
+while the parent validates, fingerprints and calibrates, then wait for REQUEST. The quantize stage writes it and
+waits for torchrun; each rank calibrates on its slice of the calibration set (llm-compressor synchronises the
+statistics), rank 0 saves the compressed model, and export moves that folder into the artifact. When the plan
+skips quantize, the ranks are stopped before any other stage runs.
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +29,16 @@ from pipeline.errors import PipelineError, StageFailed
 from pipeline.paths import import_root
 from pipeline.recipe.schema import QuantizeSpec, Recipe
 from pipeline.run.context import RunContext
-from pipeline.run.processes import run_bounded
+from pipeline.run.files import write_text_atomic
+from pipeline.run.processes import kill_process_group
 
 WORKER_MODULE = "pipeline.backends.dist_worker"
 # NVLink multicast (NVLS) off: NCCL's NVLS setup fails or hangs on hosts/containers that do not expose it.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
 RESERVE_CPU_BYTES = 5 * 10**9  # host memory llm-compressor's offloaded loading leaves free (its default)
 TIMEOUT_S = 24 * 3600  # a hung collective must not block a run forever
-WORK_DIR = "quantize-dist"  # in the run directory: request, result and the saved model until export
+WORK_DIR = "quantize-dist"  # in the run directory: the result and the saved model until export
+PARENT_PID_ENV = "QPIPE_PARENT_PID"  # ranks waiting for their request give up when this process is gone
 
 
 def visible_cuda_gpus() -> int:
@@ -96,22 +105,84 @@ def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(num_gpus)]
     return LaunchPlan(
         argv=[*argv, "-m", WORKER_MODULE, str(request_file)],
-        env={**NCCL_ENV, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath},
+        env={
+            **NCCL_ENV,
+            "OMP_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": pythonpath,
+            PARENT_PID_ENV: str(os.getpid()),
+        },
         world_size=num_gpus,
     )
 
 
-def run_launch(plan: LaunchPlan, log_file: Path, timeout_s: float = TIMEOUT_S) -> float:
-    """Run the plan (all output to `log_file`); its process group is killed on timeout. Returns wall seconds."""
-    start = time.perf_counter()
-    returncode = run_bounded(plan.argv, log_file, timeout_s, {**os.environ, **plan.env})
-    if returncode is None:
-        raise StageFailed(
-            f"quantize: torchrun ({plan.world_size} ranks) did not finish within {timeout_s:.0f} s; log: {log_file}"
-        )
-    if returncode != 0:
-        raise StageFailed(f"quantize: torchrun ({plan.world_size} ranks) exited {returncode}; log: {log_file}")
-    return time.perf_counter() - start
+class RankLaunch:
+    """A torchrun started before its request exists: the ranks import, join the process group and wait for
+    the request file, so their start overlaps what the parent does until it writes it. Output goes to a
+    temporary log that `run` copies where the stage keeps its logs."""
+
+    def __init__(self, num_gpus: int, plan: LaunchPlan | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="qpipe-ranks-"))
+        self.request_file = self.dir / "request.json"
+        self.plan = plan or launch_plan(self.request_file, num_gpus)
+        self.log_file = self.dir / "torchrun.log"
+        self.launched_at = time.time()
+        with self.log_file.open("w") as log:
+            self.proc = subprocess.Popen(
+                self.plan.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.plan.env},
+                start_new_session=True,  # a stop or timeout kills torchrun and every rank
+            )
+
+    def run(self, request: DistributedRequest, log_file: Path, timeout_s: float = TIMEOUT_S) -> dict[str, float]:
+        """Write the request, wait for torchrun and stop it; the log lands in `log_file`. Returns `launch_s`
+        (request to exit: what the stage waits), `ahead_s` (how long the ranks were started before) and
+        `exited_at` (epoch seconds)."""
+        submitted = time.time()
+        request = request.model_copy(update={"launched_at": self.launched_at})
+        write_text_atomic(self.request_file, request.model_dump_json(indent=2))
+        try:
+            returncode: int | None = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            self.stop(log_file)
+        what = f"quantize: torchrun ({self.plan.world_size} ranks)"
+        if returncode is None:
+            raise StageFailed(f"{what} did not finish within {timeout_s:.0f} s; log: {log_file}")
+        if returncode != 0:
+            raise StageFailed(f"{what} exited {returncode}; log: {log_file}")
+        exited = time.time()
+        return {
+            "launch_s": round(exited - submitted, 2),
+            "ahead_s": round(submitted - self.launched_at, 2),
+            "exited_at": exited,
+        }
+
+    def stop(self, log_file: Path | None = None) -> None:
+        """Kill torchrun and its ranks if still running and remove the temporary files (the log copied to
+        `log_file` first). Safe to call again."""
+        kill_process_group(self.proc)
+        if log_file is not None and self.log_file.is_file():
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.log_file, log_file)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def prestarted_ranks(recipe: Recipe, steps: list[str]) -> Iterator[RankLaunch | None]:
+    """Ranks started now for a quantize stage on several GPUs, stopped at the end whatever happened; None when
+    the steps have no such stage."""
+    if "quantize" not in steps or recipe.quantize.num_gpus <= 1:
+        yield None
+        return
+    ranks = RankLaunch(recipe.quantize.num_gpus)
+    try:
+        yield ranks
+    finally:
+        ranks.stop()
 
 
 def rank_slice(num_samples: int, rank: int, world_size: int) -> range:
@@ -119,20 +190,15 @@ def rank_slice(num_samples: int, rank: int, world_size: int) -> range:
     return range(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)
 
 
-def launch_quantize(
-    request: DistributedRequest, work_dir: Path, num_gpus: int, log_file: Path
-) -> tuple[LaunchPlan, dict[str, Any]]:
-    """Write the request into `work_dir`, run the worker on `num_gpus` ranks and return the plan and rank 0's result."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    request_file = work_dir / "request.json"
-    request = request.model_copy(update={"launched_at": time.time()})
-    request_file.write_text(request.model_dump_json(indent=2), encoding="utf-8")
-    plan = launch_plan(request_file, num_gpus)
-    wall = run_launch(plan, log_file)
+def launch_quantize(request: DistributedRequest, log_file: Path, ranks: RankLaunch) -> dict[str, Any]:
+    """Hand `request` to the ranks, wait for them and return rank 0's result with the launch timings; `exit_s`
+    is from rank 0 writing its result to torchrun's exit (the ranks' teardown)."""
+    timings = ranks.run(request, log_file)
     result_file = Path(request.result)
     if not result_file.is_file() or not (Path(request.output) / "config.json").is_file():
         raise StageFailed(f"quantize: torchrun finished but rank 0 saved no model in {request.output}; log: {log_file}")
-    return plan, {**json.loads(result_file.read_text()), "launch_s": round(wall, 2)}
+    exit_s = round(timings.pop("exited_at") - result_file.stat().st_mtime, 2)
+    return {**json.loads(result_file.read_text()), **timings, "exit_s": exit_s}
 
 
 def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, export_dtype: Any) -> dict[str, Any]:
@@ -149,6 +215,7 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
         )
     work = ctx.run_dir / WORK_DIR
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     request = DistributedRequest(
         model=str(ctx.source.path),
         trust_remote_code=recipe.model.trust_remote_code,
@@ -162,7 +229,9 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
         reserve_cpu_bytes=RESERVE_CPU_BYTES,
     )
     ctx.log.info("quantize: %s %s via %s on %d GPUs (torchrun)", spec.method, spec.scheme, spec.backend, spec.num_gpus)
-    plan, result = launch_quantize(request, work, spec.num_gpus, ctx.logs_dir / "quantize-torchrun.log")
+    ranks = ctx.state.pop("ranks", None) or RankLaunch(spec.num_gpus)  # prestarted by `qpipe run`, or now
+    result = launch_quantize(request, ctx.logs_dir / "quantize-torchrun.log", ranks)
+    plan = ranks.plan
     ctx.state.update(saved_dir=work / "model", work_dir=work)
     describe = get_backend(spec.backend).describe(spec)
     for key in ("placement", "tuning"):
@@ -182,9 +251,11 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "env": plan.env,
             "samples_per_rank": [len(rank_slice(samples, r, plan.world_size)) for r in range(plan.world_size)],
             "quantize_s": result["quantize_s"],
-            "launch_s": result["launch_s"],
-            # per rank: spawn_s (torchrun starting it), import_s, group_s (the process group), load_s, quantize_s,
-            # save_s, peak_gpu_gib (None on CPU)
+            "launch_s": result["launch_s"],  # from the request to torchrun's exit: what the stage waited
+            "ahead_s": result["ahead_s"],  # how long before the request torchrun was started
+            "exit_s": result["exit_s"],  # from rank 0's result to torchrun's exit
+            # per rank: spawn_s (torchrun starting it), import_s, group_s (the process group), idle_s (ready,
+            # waiting for the request), load_s, quantize_s, save_s, peak_gpu_gib (None on CPU)
             "ranks": result["ranks"],
             "peak_gpu_gib": result["peak_gpu_gib"],
             "log": "logs/quantize-torchrun.log",

@@ -421,7 +421,7 @@ class Bench:
 
     def _quantize_launched(self, trial: Trial, spec: QuantizeSpec) -> RunResult:
         """Save the model and calibration set, then quantize them with `num_gpus` torchrun ranks."""
-        from pipeline.backends.distributed import RESERVE_CPU_BYTES, DistributedRequest, launch_quantize
+        from pipeline.backends.distributed import RESERVE_CPU_BYTES, DistributedRequest, RankLaunch, launch_quantize
 
         key, model, samples, seq_len = trial.key, trial.model, trial.samples, trial.seq_len
 
@@ -443,7 +443,7 @@ class Bench:
             reserve_cpu_bytes=RESERVE_CPU_BYTES,
         )
         with ResourceMonitor() as monitor:  # the tree RSS of torchrun and its ranks
-            _, result = launch_quantize(request, work, self.num_gpus, work / "torchrun.log")
+            result = launch_quantize(request, work / "torchrun.log", RankLaunch(self.num_gpus))
         shutil.rmtree(work, ignore_errors=True)
         quantize_s = result["quantize_s"]
         return RunResult(
