@@ -134,6 +134,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
         model.to(getattr(torch, request.export_dtype))
     if placement.device == "cuda":
         compress_replica(model)
+    compressed = time.perf_counter()
     model.save_pretrained(request.output, save_compressed=True, max_shard_size=SHARD_SIZE)  # all join, rank 0 writes
     if rank == 0:
         tokenizer.save_pretrained(request.output)
@@ -143,6 +144,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
         "load_s": round(loaded - start, 2),
         "quantize_s": round(quantized - loaded, 2),
         "save_s": round(time.perf_counter() - quantized, 2),
+        "compress_s": round(compressed - quantized, 2),  # of save_s: this rank's replica compressed on its own
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
     ranks: list[Any] = [None] * world_size
