@@ -127,14 +127,18 @@ class RankLaunch:
         self.plan = plan or launch_plan(self.request_file, num_gpus)
         self.log_file = self.dir / "torchrun.log"
         self.launched_at = time.time()
-        with self.log_file.open("w") as log:
-            self.proc = subprocess.Popen(
-                self.plan.argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.plan.env},
-                start_new_session=True,  # a stop or timeout kills torchrun and every rank
-            )
+        try:
+            with self.log_file.open("w") as log:
+                self.proc = subprocess.Popen(
+                    self.plan.argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **self.plan.env},
+                    start_new_session=True,  # a stop or timeout kills torchrun and every rank
+                )
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def run(self, request: DistributedRequest, log_file: Path, timeout_s: float = TIMEOUT_S) -> dict[str, float]:
         """Write the request, wait for torchrun and stop it; the log lands in `log_file`. Returns `launch_s`
