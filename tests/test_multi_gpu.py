@@ -379,7 +379,8 @@ def test_two_rank_gloo_gptq_matches_single_process(
     ranks = stage["distributed"]["ranks"]  # each rank's start / load / calibrate+quantize / save split and GPU peak
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["load_s"] > 0 and r["save_s"] > 0 for r in ranks)
     launch = stage["distributed"]
-    assert all(r["import_s"] > 0 and r["group_s"] > 0 and r["idle_s"] >= 0 for r in ranks)
+    # the last rank to reach the group's barrier waits for nobody: its group_s may round to 0
+    assert all(r["spawn_s"] > 0 and r["import_s"] > 0 and r["group_s"] >= 0 and r["idle_s"] >= 0 for r in ranks)
     assert launch["ahead_s"] > 0 and launch["exit_s"] >= 0  # started before the calibrate stage ran
     # no rank read its request before the quantize stage wrote it
     assert all(r["spawn_s"] + r["import_s"] + r["group_s"] + r["idle_s"] >= launch["ahead_s"] - 0.05 for r in ranks)
