@@ -30,7 +30,7 @@ from pipeline.paths import import_root
 from pipeline.recipe.schema import QuantizeSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import write_text_atomic
-from pipeline.run.processes import kill_process_group
+from pipeline.run.processes import kill_process_group, start_in_session
 
 WORKER_MODULE = "pipeline.backends.dist_worker"
 # NVLink multicast (NVLS) off: NCCL's NVLS setup fails or hangs on hosts/containers that do not expose it.
@@ -127,15 +127,8 @@ class RankLaunch:
         self.plan = plan or launch_plan(self.request_file, num_gpus)
         self.log_file = self.dir / "torchrun.log"
         self.launched_at = time.time()
-        try:
-            with self.log_file.open("w") as log:
-                self.proc = subprocess.Popen(
-                    self.plan.argv,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **self.plan.env},
-                    start_new_session=True,  # a stop or timeout kills torchrun and every rank
-                )
+        try:  # its own session: a stop or timeout kills torchrun and every rank
+            self.proc = start_in_session(self.plan.argv, self.log_file, {**os.environ, **self.plan.env})
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise

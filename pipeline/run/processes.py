@@ -17,17 +17,23 @@ from typing import Any
 from pipeline.errors import StageFailed
 
 
+def start_in_session(command: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `command` in its own session (so `kill_process_group` ends everything it spawns) with stdout and
+    stderr in `log_file`."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
 def run_bounded(command: list[str], log_file: Path, timeout_s: float, env: dict[str, str] | None = None) -> int | None:
     """Run `command` in its own session with stdout and stderr in `log_file`; its exit code, or None when it
     ran past `timeout_s` (its whole process group is then killed)."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_process_group(proc)
-            return None
+    proc = start_in_session(command, log_file, env)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc)
+        return None
 
 
 def kill_process_group(proc: subprocess.Popen, grace_s: float = 0) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.recipe.schema import SmokeSpec
-from pipeline.run.processes import kill_process_group, run_json_child
+from pipeline.run.processes import kill_process_group, run_json_child, start_in_session
 
 CLIENT = Path(__file__).with_name("client.py")  # run by file path in the vLLM environment (stdlib + openai)
 
@@ -104,27 +104,19 @@ def serve_check(
     the per-concurrency figures, or the error."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     key = secrets.token_urlsafe(24)
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "VLLM_API_KEY": key}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(
-            serve_command(python, model_dir, spec, port, trust_remote_code),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            problem = wait_ready(proc, base, started + spec.timeout_s)
-            if problem:
-                return {"status": "failed", "error": problem, "log": str(log_file)}
-            ready_s = time.monotonic() - started
-            reply = client_requests(python, base, key, spec, log_file.with_name(log_file.stem + "-client.log"))
-        finally:
-            kill_process_group(proc, grace_s=30)
+    proc = start_in_session(serve_command(python, model_dir, spec, port, trust_remote_code), log_file, env)
+    try:
+        problem = wait_ready(proc, base, started + spec.timeout_s)
+        if problem:
+            return {"status": "failed", "error": problem, "log": str(log_file)}
+        ready_s = time.monotonic() - started
+        reply = client_requests(python, base, key, spec, log_file.with_name(log_file.stem + "-client.log"))
+    finally:
+        kill_process_group(proc, grace_s=30)
     return {
         **reply,
         "status": "failed" if (error := client_problem(reply)) else "passed",
