@@ -151,18 +151,13 @@ kl() {
   for t in ${tags//,/ }; do dirs+=("$t=$(tagged_model "$t")"); done
   "$QENV/bin/python" - "$CKPT" "$OUT/kl.json" "${dirs[@]}" <<'PY'
 import json, sys
-from transformers import AutoTokenizer
-from pipeline.eval.fidelity import next_token_fidelity
-from pipeline.recipe.schema import CalibrateSpec, EvalSpec
-from pipeline.run.text_data import select_texts
+from pipeline.eval.fidelity import held_out_fidelity
+from pipeline.recipe.schema import EvalSpec
 
 base, out, runs = sys.argv[1], sys.argv[2], dict(arg.split("=", 1) for arg in sys.argv[3:])
-spec = EvalSpec()
-texts = select_texts(CalibrateSpec(dataset=spec.fidelity_dataset, num_samples=spec.fidelity_samples),
-                     AutoTokenizer.from_pretrained(base))
 results = {}
 for tag, model in runs.items():
-    fid = next_token_fidelity(base, model, texts, spec.fidelity_max_length, batch_size=4)
+    fid = held_out_fidelity(EvalSpec(), base, model)
     results[tag] = {k: fid[k] for k in ("kl_mean", "top1_agreement", "wall_s")}
     print(tag, results[tag], flush=True)
 json.dump(results, open(out, "w"), indent=2)

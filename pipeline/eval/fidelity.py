@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.recipe.schema import CalibrateSpec, EvalSpec
 from pipeline.run.resources import default_device, release_accelerator_memory
 
 
@@ -138,3 +139,24 @@ def _log_probs(model: Any, batch: Any) -> Any:
     mask = batch["attention_mask"].bool().to(device)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     return torch.log_softmax(logits[mask].float(), dim=-1)
+
+
+def held_out_fidelity(
+    spec: EvalSpec, base_model_dir: Path, quant_model_dir: Path, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """`next_token_fidelity` on the eval stage's held-out texts (`eval.fidelity_dataset`, `fidelity_samples`,
+    `fidelity_max_length`), as the gate measures it."""
+    from transformers import AutoTokenizer
+
+    from pipeline.run.text_data import select_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir, trust_remote_code=trust_remote_code)
+    texts = select_texts(CalibrateSpec(dataset=spec.fidelity_dataset, num_samples=spec.fidelity_samples), tokenizer)
+    return next_token_fidelity(
+        base_model_dir,
+        quant_model_dir,
+        texts,
+        spec.fidelity_max_length,
+        batch_size=4,
+        trust_remote_code=trust_remote_code,
+    )

@@ -10,7 +10,7 @@ from pipeline.eval.gate import MetricCheck, TokenCheck, check_recovery, gate, pa
 from pipeline.formats import SCHEMES
 from pipeline.paths import default_cache_root
 from pipeline.recipe.load import resolve_data_path
-from pipeline.recipe.schema import CalibrateSpec, EvalSpec, Recipe
+from pipeline.recipe.schema import EvalSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import write_json_atomic
 from pipeline.run.manifest import fingerprint, library_versions
@@ -91,19 +91,10 @@ def baseline_summary(ctx: RunContext, recipe: Recipe, include: Path | None, data
 
 def fidelity(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     """Next-token KL(baseline || quantized) and top-1 agreement on the held-out text set."""
-    from transformers import AutoTokenizer
+    from pipeline.eval.fidelity import held_out_fidelity
 
-    from pipeline.eval.fidelity import next_token_fidelity
-    from pipeline.run.text_data import select_texts
-
-    spec = recipe.eval
-    trust = recipe.model.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=trust)
-    texts = select_texts(CalibrateSpec(dataset=spec.fidelity_dataset, num_samples=spec.fidelity_samples), tokenizer)
-    result = next_token_fidelity(
-        ctx.source.path, ctx.model_dir, texts, spec.fidelity_max_length, batch_size=4, trust_remote_code=trust
-    )
-    return {**result, "dataset": spec.fidelity_dataset}
+    result = held_out_fidelity(recipe.eval, ctx.source.path, ctx.model_dir, recipe.model.trust_remote_code)
+    return {**result, "dataset": recipe.eval.fidelity_dataset}
 
 
 def gate_limits(recipe: Recipe) -> dict[str, float]:
