@@ -22,6 +22,7 @@ from pipeline.backends.tuning import (
     fast_accumulate_hessian,
     fast_factorize_hessian,
     fused_causal_attention,
+    fused_rms_norm,
     is_causal_mask,
     loaded_weight_bytes,
     lower_inverse,
@@ -53,7 +54,7 @@ def test_plan_is_a_no_op_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not plan.enabled and "no CUDA GPU" in plan.reason
     assert oneshot_overrides(plan, calibration=None) == {}
     original = base.accumulate_hessian
-    with tuned_engine(plan):
+    with tuned_engine(plan, torch.nn.Linear(2, 2)):
         assert base.accumulate_hessian is original
 
 
@@ -111,7 +112,7 @@ def test_strided_awq_samples_runs_every_stride_th_batch() -> None:
 
     modifier = SimpleNamespace(_parent_args_cache={parent: Batches()})
     original = AWQModifier._run_samples
-    with tuned_engine(TuningPlan(enabled=True, reason="test", awq_search_stride=3)):
+    with tuned_engine(TuningPlan(enabled=True, reason="test", awq_search_stride=3), torch.nn.Linear(2, 2)):
         outputs = AWQModifier._run_samples(modifier, parent)
     assert [float(output) for output in outputs] == [0.0, 3.0, 6.0]
     assert AWQModifier._run_samples is original
@@ -310,6 +311,65 @@ def test_fused_attention_matches_eager() -> None:
     assert torch.equal(out, ref)  # any other mask runs the model's own eager attention
 
 
+class CountingNorm(torch.nn.Module):
+    """transformers' Llama-style RMSNorm (`gemma`: Gemma's `1 + weight`), counting its own forwards."""
+
+    def __init__(self, width: int, gemma: bool = False) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(width, dtype=torch.bfloat16) * 0.1 + (0 if gemma else 1))
+        self.variance_epsilon = 1e-6
+        self.gemma = gemma
+        self.calls = 0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        weight = 1 + self.weight if self.gemma else self.weight
+        return weight * hidden_states.to(dtype)
+
+
+def test_fused_rms_norm_stands_in_once_checked() -> None:
+    """A Llama-style norm: the first bf16 call checks the fused result against the class's own forward, later
+    calls run only the fused kernel, and both agree to a bf16 step; fp32 inputs keep the class's forward."""
+    torch.manual_seed(0)
+    norm = CountingNorm(64)
+    forward = fused_rms_norm(CountingNorm.forward)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16) * 4
+    torch.testing.assert_close(forward(norm, x), CountingNorm.forward(norm, x), **tuning.NORM_TOLERANCE)
+    calls = norm.calls
+    forward(norm, x * 2)
+    assert norm.calls == calls  # checked once: the fused kernel alone from then on
+    forward(norm, x.float())
+    assert norm.calls == calls + 1
+
+
+def test_fused_rms_norm_keeps_a_norm_that_computes_something_else() -> None:
+    """Gemma's `1 + weight` norm fails the check and keeps its own forward, bit for bit, from then on."""
+    torch.manual_seed(0)
+    norm = CountingNorm(64, gemma=True)
+    forward = fused_rms_norm(CountingNorm.forward)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    for _ in range(2):
+        assert torch.equal(forward(norm, x), CountingNorm.forward(norm, x))
+
+
+def test_tuned_engine_swaps_the_models_norm_classes() -> None:
+    """Only RMSNorm classes of the model are swapped, and only inside the block."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM, Qwen3RMSNorm
+
+    model = Qwen3ForCausalLM(qwen3_config(scaled_shape(QWEN3_8B, 1, 1 / 32)))
+    assert tuning.rms_norm_classes(model) == [Qwen3RMSNorm]
+    original = Qwen3RMSNorm.forward
+    with tuned_engine(TuningPlan(enabled=True, reason="test", fused_norm=True), model):
+        assert Qwen3RMSNorm.forward is not original
+    assert Qwen3RMSNorm.forward is original
+    with tuned_engine(TuningPlan(enabled=True, reason="test"), model):
+        assert Qwen3RMSNorm.forward is original
+
+
 def _quantize(
     model: Any, tokenizer: Any, calibration: Any, eval_ids: torch.Tensor, spec: QuantizeSpec, plan: Any
 ) -> Any:
@@ -465,6 +525,7 @@ def _full_plan(spec: QuantizeSpec) -> TuningPlan:
         batch_size=4,
         fast_hessian=gptq,
         fused_attention=True,
+        fused_norm=True,
         fast_factorization=gptq,
         propagate_error=gptq,
         skip_tail=gptq,

@@ -119,7 +119,7 @@ class Backend:
             }
         self.tuning = plan or plan_tuning(model, lengths, spec)
         kwargs.update(oneshot_overrides(self.tuning, calibration))
-        with cpu_pinning_disabled(), tuned_engine(self.tuning):
+        with cpu_pinning_disabled(), tuned_engine(self.tuning, model):
             return oneshot(model=model, processor=tokenizer, recipe=build_modifiers(spec), **kwargs)
 
     def save(self, model: Any, tokenizer: Any, out_dir: Path, dtype: Any = None) -> None:

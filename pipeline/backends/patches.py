@@ -116,6 +116,11 @@ def transformers_eager_attention(function: Callable[..., Any]) -> Any:
     return swap_item(ALL_ATTENTION_FUNCTIONS._local_mapping, "eager", function, TRANSFORMERS)
 
 
+def transformers_norm_forward(cls: type, forward: Callable[..., Any]) -> Any:
+    """A transformers RMSNorm class's `forward` replaced by `forward`."""
+    return swap_attribute(cls, "forward", forward, TRANSFORMERS)
+
+
 def gptqmodel_log_dir(path: Path) -> Any:
     """GPTQModel writes per-layer logs to `logs/` of the working directory; they go to `path` instead."""
     from gptqmodel.looper import loop_processor

@@ -17,6 +17,10 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
 * runs attention through PyTorch's fused causal kernel (flash attention) where llm-compressor forces
   eager attention, whenever the mask handed to attention is exactly the causal mask (always the case for
   the unpadded batches above); any other mask falls back to the model's eager attention.
+* computes the model's RMSNorm layers with PyTorch's fused kernel (``torch.nn.functional.rms_norm``: one pass
+  in fp32 instead of transformers' seven elementwise passes, the fp32 copies included), keeping transformers'
+  own order of the weight's product and cast. Each norm class is checked once against its own forward on the
+  first real batch; a class that computes something else (Gemma's ``1 + weight``) keeps its own;
 * scores AWQ's scale candidates on a subsample of the calibration batches (every ``awq_search_stride``-th,
   about ``AWQ_SEARCH_TOKENS`` tokens) instead of all of them: the grid search re-runs each parent module
   once per candidate, which is most of AWQ's time, while the activation means that shape the candidates
@@ -43,6 +47,7 @@ Without a GPU, with ``tuning: off``, or for data-free schemes the plan is disabl
 
 from __future__ import annotations
 
+import logging
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -57,6 +62,9 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.backends import patches
 from pipeline.formats import SCHEMES
 from pipeline.recipe.schema import QuantizeSpec
+from pipeline.run.context import LOGGER_NAME
+
+log = logging.getLogger(LOGGER_NAME)
 
 GIB = 2**30
 MAX_BATCH_TOKENS = 32768  # calibration tokens per batch: 16 x 2048 (GPTQ) or 64 x 512 (AWQ) already saturate the GEMMs
@@ -79,6 +87,7 @@ class TuningPlan(BaseModel):
     sequential_offload_device: str = "cpu"
     fast_hessian: bool = False
     fused_attention: bool = False
+    fused_norm: bool = False
     awq_search_stride: int = 1
     fast_factorization: bool = False
     propagate_error: bool = True
@@ -231,6 +240,7 @@ def plan_tuning(
         sequential_offload_device="cuda" if on_gpu_cache else "cpu",
         fast_hessian=spec.method == "gptq",
         fused_attention=True,
+        fused_norm=True,
         awq_search_stride=max(1, sum(lengths) // search_tokens) if spec.method == "awq" else 1,
         fast_factorization=spec.method == "gptq",
         propagate_error=spec.method == "gptq",
@@ -464,6 +474,49 @@ def fused_causal_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
+NORM_TOLERANCE = {"rtol": 1e-2, "atol": 1e-3}  # a bf16 step: the fused mean sums in another order, nothing more
+
+
+def _fusable_norm(module: torch.nn.Module) -> bool:
+    """A transformers RMSNorm: named so, with one weight per channel and its epsilon in `variance_epsilon`."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and isinstance(weight, torch.nn.Parameter)
+        and weight.dim() == 1
+    )
+
+
+def rms_norm_classes(model: torch.nn.Module) -> list[type[torch.nn.Module]]:
+    """The classes of `model`'s RMSNorm layers that `fused_rms_norm` may stand in for."""
+    found = {type(module) for module in model.modules() if _fusable_norm(module)}
+    return sorted(found, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+
+
+def fused_rms_norm(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A drop-in for one RMSNorm class's `forward`: `weight * rms_norm(x)` with PyTorch's fused kernel, which
+    normalizes in fp32 and casts to x's dtype once, as transformers' Llama-style norms do in seven passes.
+    The first real call compares it with `original`; if they differ the class keeps `original` for good."""
+    verdict: list[bool] = []
+
+    def forward(self: torch.nn.Module, hidden_states: Any) -> torch.Tensor:
+        plain = isinstance(hidden_states, torch.Tensor) and hidden_states.device.type != "meta"
+        if not plain or verdict == [False] or hidden_states.dtype not in (torch.bfloat16, torch.float16):
+            return original(self, hidden_states)
+        normalized = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        fused = self.weight * normalized
+        if not verdict:
+            reference = original(self, hidden_states)
+            verdict.append(reference.dtype == fused.dtype and torch.allclose(fused, reference, **NORM_TOLERANCE))
+            if not verdict[0]:
+                log.info("%s computes something else than rms_norm: kept as it is", type(self).__qualname__)
+                return reference
+        return fused
+
+    return forward
+
+
 @contextmanager
 def zero_product(linear: torch.nn.Linear) -> Iterator[None]:
     """`linear` returns zeros of its output's shape instead of its product; its hooks still run."""
@@ -518,9 +571,9 @@ def tail_skipping(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextmanager
-def tuned_engine(plan: TuningPlan) -> Iterator[None]:
-    """The plan's engine changes (Hessians and their factors, attention, AWQ's search, the calibration pass's last
-    product) for one `oneshot` call."""
+def tuned_engine(plan: TuningPlan, model: torch.nn.Module) -> Iterator[None]:
+    """The plan's engine changes (Hessians and their factors, attention, norms, AWQ's search, the calibration
+    pass's last product) for one `oneshot` call on `model`."""
     with ExitStack() as stack:
         if plan.enabled and plan.fast_hessian:
             gram = GramCache(plan.gram_block)
@@ -528,6 +581,9 @@ def tuned_engine(plan: TuningPlan) -> Iterator[None]:
             stack.enter_context(patches.llmcompressor_hessian(partial(fast_accumulate_hessian, gram)))
         if plan.enabled and plan.fused_attention:
             stack.enter_context(patches.transformers_eager_attention(fused_causal_attention))
+        if plan.enabled and plan.fused_norm:
+            for cls in rms_norm_classes(model):
+                stack.enter_context(patches.transformers_norm_forward(cls, fused_rms_norm(cls.forward)))
         if plan.enabled and plan.fast_factorization:
             factors = FactorCache()
             stack.callback(factors.clear)

@@ -10,7 +10,7 @@ Each run builds the same seeded model afresh (timed as stage ``build``) and quan
   ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B,search=S,...`` overrides single settings (ablations;
   ``search=1``: AWQ scores its scales on every batch; ``gram=N``: GPTQ's Hessian products in strips of N
   columns, ``gram=100000`` the full product; ``tail=off``: GPTQ's calibration pass computes each layer's last
-  product).
+  product; ``norm=off``: transformers' own RMSNorm).
 
 With ``--num-gpus N`` the ``default`` and ``tuned`` modes run through the multi-GPU launcher instead
 (pipeline/backends/distributed.py: the model is saved, then quantized by N torchrun ranks); ``quantize`` is rank 0's
@@ -98,6 +98,7 @@ ON_OFF_OPTIONS = {
     "factor": "fast_factorization",
     "propagate": "propagate_error",
     "tail": "skip_tail",
+    "norm": "fused_norm",
 }
 
 
@@ -573,6 +574,8 @@ def describe_settings(run: RunResult) -> str:
         stride = plan.get("awq_search_stride", 1)
         parts.append(f"search 1/{stride} of batches" if stride > 1 else "search all batches")
     parts.append("attention fused" if plan.get("fused_attention") else "attention eager")
+    if plan.get("fused_norm"):
+        parts.append("norm fused")
     return ", ".join(parts)
 
 
