@@ -189,6 +189,21 @@ def test_launch_failure_and_timeout_kill_the_process_group(tmp_path: Path) -> No
     _assert_dies(int(pid_file.read_text()))
 
 
+def test_the_stage_stops_the_ranks_once_rank_0_wrote_its_result(tmp_path: Path) -> None:
+    """What is left of the ranks after the result (process group teardown, exit) is not waited for."""
+    request = _request(tmp_path)
+    pid_file = tmp_path / "rank.pid"
+    lingering = (
+        "import os, pathlib, time; "
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); "
+        f"pathlib.Path({request.result!r}).write_text('{{}}'); time.sleep(60)"
+    )
+    plan = LaunchPlan(argv=[sys.executable, "-c", lingering], env={}, world_size=2)
+    timings = RankLaunch(2, plan=plan).run(request, tmp_path / "ranks.log", timeout_s=30)
+    assert timings["launch_s"] < 20
+    _assert_dies(int(pid_file.read_text()))
+
+
 def _assert_dies(pid: int) -> None:
     deadline = time.monotonic() + 5
     while _alive(pid) and time.monotonic() < deadline:
@@ -415,7 +430,7 @@ def test_two_rank_gloo_gptq_matches_single_process(
 
 def _compress_on_rank(rank: int, port: int, out: str, local_first: bool) -> None:
     """One gloo rank holding a full W4A16_ASYM replica in compressed-tensors' device cache (as GPU-resident ranks
-    do, on the CPU here): optionally `compress_replica`, then the compression `save_pretrained` runs."""
+    do, on the CPU here): optionally `compress_in_place`, then the compression `save_pretrained` runs."""
     import datetime
 
     import torch.distributed as dist
@@ -424,7 +439,7 @@ def _compress_on_rank(rank: int, port: int, out: str, local_first: bool) -> None
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
     from compressed_tensors.quantization.lifecycle.apply import apply_quantization_config
 
-    from pipeline.backends.dist_worker import compress_replica
+    from pipeline.backends.llmcompressor_backend import compress_in_place
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
@@ -439,7 +454,7 @@ def _compress_on_rank(rank: int, port: int, out: str, local_first: bool) -> None
         module._parameters = DistributedDeviceCache.from_mapping(module._parameters, "cpu", "cpu")
         module._buffers = DistributedDeviceCache.from_mapping(module._buffers, "cpu", "cpu")
     if local_first:
-        compress_replica(model)
+        compress_in_place(model)
     ModelCompressor.from_pretrained_model(model).compress_model(model, skip_compressed=True)
     zero_points = [module.weight_zero_point for module in model]
     summary = [[list(z.shape), str(z.dtype), int(z.double().sum())] for z in zero_points]
@@ -463,7 +478,7 @@ def _zero_points_after_save(tmp_path: Path, local_first: bool) -> list[Any]:
 
 
 @pytest.mark.e2e  # two spawned gloo ranks (~20 s)
-def test_compress_replica_gives_every_rank_the_packed_zero_points(tmp_path: Path) -> None:
+def test_compress_in_place_gives_every_rank_the_packed_zero_points(tmp_path: Path) -> None:
     """GPU-resident AWQ ranks hung at save on 2 H200s; compressing each replica locally first fixed it there.
     Here: every module's asymmetric zero point ends up packed (int32, 64 rows / 8 per int32) on both ranks."""
     ranks = _zero_points_after_save(tmp_path, local_first=True)
@@ -475,7 +490,7 @@ def test_compress_replica_gives_every_rank_the_packed_zero_points(tmp_path: Path
 def test_parallel_compression_mis_sizes_asymmetric_zero_points_upstream(tmp_path: Path) -> None:
     """compressed-tensors 0.19's split compression: the receiving rank sizes a module from a compression on meta,
     which leaves the zero point unpacked (int8 [64, 2]); on gloo the wrong bytes arrive, on NCCL it hangs. This
-    fails once upstream fixes it, the signal to drop `compress_replica`."""
+    fails once upstream fixes it, the signal to stop compressing GPU-resident replicas first (`save_compressed`)."""
     ranks = _zero_points_after_save(tmp_path, local_first=False)
     unpacked = [
         (rank, index)

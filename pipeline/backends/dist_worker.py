@@ -7,7 +7,14 @@ REQUEST.json exists, and waits for the parent to write it (giving up if the pare
 model (onto its own GPU when it fits there; otherwise through llm-compressor's offloaded loading: rank 0 reads
 the weights, the other ranks share them through host memory), calibrates on its contiguous slice of the
 calibration set and takes part in saving (a GPU-resident replica is compressed by its own rank first:
-`compress_replica`); rank 0 writes the model, the tokenizer and a JSON result.
+`save_compressed`); rank 0 writes the model, the tokenizer and a JSON result.
+
+A GPU-resident replica is compressed by its own rank before the collective save. The save otherwise splits
+compression across the ranks and broadcasts each module from the rank that compressed it; compressed-tensors
+0.19 sizes the receiving tensors from a compression on the meta device, which leaves an asymmetric scheme's
+zero point unpacked (int8 [out, groups]) where the sender packed it (int32): NCCL then waits forever (AWQ
+W4A16_ASYM on two H200s) and gloo delivers the wrong bytes. Ranks sharing the host copy exchange shapes and are
+unaffected.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from compressed_tensors.offload import init_dist
 
 from pipeline.backends.distributed import PARENT_PID_ENV, DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
+from pipeline.run.files import write_text_atomic
 
 POLL_S = 0.05  # how often a waiting rank looks for its request
 
@@ -96,22 +104,6 @@ def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
         return placement, AutoModelForCausalLM.from_pretrained(request.model, device_map="auto_offload", **args)
 
 
-def compress_replica(model: Any) -> None:
-    """Compress this rank's GPU-resident replica on its own before the collective save.
-
-    The save otherwise splits compression across the ranks and broadcasts each module from the rank that
-    compressed it. compressed-tensors 0.19 sizes the receiving tensors from a compression on the meta device,
-    which leaves an asymmetric scheme's zero point unpacked (int8 [out, groups]) where the sender packed it
-    (int32): NCCL then waits forever (AWQ W4A16_ASYM on two H200s) and gloo delivers the wrong bytes. Ranks
-    sharing the host copy exchange shapes and are unaffected. The save's own compression then finds every
-    module compressed and skips it."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.offload import as_single_threaded
-
-    with as_single_threaded():
-        ModelCompressor.from_pretrained_model(model).compress_model(model, skip_compressed=True)
-
-
 def load_rank_calibration(path: str, rank: int, world_size: int) -> Any:
     """This rank's slice of the calibration set. Slicing here (not in llm-compressor's sampler) also covers
     the tuned path, which hands `oneshot` a DataLoader that the engine would not partition."""
@@ -126,7 +118,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
     `started`: this process's start in parts (`rank_start`)."""
     from transformers import AutoTokenizer
 
-    from pipeline.backends.llmcompressor_backend import SHARD_SIZE, Backend
+    from pipeline.backends.llmcompressor_backend import Backend, save_compressed
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     start = time.perf_counter()
@@ -140,10 +132,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
     compute_dtype = str(model.dtype)
     if request.export_dtype is not None and model.dtype != getattr(torch, request.export_dtype):
         model.to(getattr(torch, request.export_dtype))
-    if placement.device == "cuda":
-        compress_replica(model)
-    compressed = time.perf_counter()
-    model.save_pretrained(request.output, save_compressed=True, max_shard_size=SHARD_SIZE)  # all join, rank 0 writes
+    saved = save_compressed(model, Path(request.output), writer=rank == 0)  # all join, rank 0 writes
     if rank == 0:
         tokenizer.save_pretrained(request.output)
     mine = {
@@ -152,7 +141,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
         "load_s": round(loaded - start, 2),
         "quantize_s": round(quantized - loaded, 2),
         "save_s": round(time.perf_counter() - quantized, 2),
-        "compress_s": round(compressed - quantized, 2),  # of save_s: this rank's replica compressed on its own
+        **saved,  # of save_s: compress_s (this rank's replica), host_copy_s (rank 0's weights to host memory)
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
     ranks: list[Any] = [None] * world_size
@@ -189,7 +178,7 @@ def main(argv: list[str]) -> int:
         marks["requested"] = time.time()
         result = run(request, rank_start(request.launched_at, created, marks))
         if dist.get_rank() == 0:
-            Path(request.result).write_text(json.dumps(result, indent=2), encoding="utf-8")
+            write_text_atomic(Path(request.result), json.dumps(result, indent=2))  # the stage stops the ranks on it
     finally:
         dist.destroy_process_group()
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ RESERVE_CPU_BYTES = 5 * 10**9  # host memory llm-compressor's offloaded loading 
 TIMEOUT_S = 24 * 3600  # a hung collective must not block a run forever
 WORK_DIR = "quantize-dist"  # in the run directory: the result and the saved model until export
 PARENT_PID_ENV = "QPIPE_PARENT_PID"  # ranks waiting for their request give up when this process is gone
+POLL_S = 0.05  # how often the stage looks for rank 0's result
 
 
 def visible_cuda_gpus() -> int:
@@ -134,16 +134,15 @@ class RankLaunch:
             raise
 
     def run(self, request: DistributedRequest, log_file: Path, timeout_s: float = TIMEOUT_S) -> dict[str, float]:
-        """Write the request, wait for torchrun and stop it; the log lands in `log_file`. Returns `launch_s`
-        (request to exit: what the stage waits), `ahead_s` (how long the ranks were started before) and
-        `exited_at` (epoch seconds)."""
+        """Write the request and wait until rank 0's result exists (or torchrun exits first), then stop the
+        ranks: what is left of them, destroying the process group and exiting, writes nothing. The log lands in
+        `log_file`. Returns `launch_s` (request to stop: what the stage waits), `ahead_s` (how long the ranks
+        were started before) and `stopped_at` (epoch seconds)."""
         submitted = time.time()
         request = request.model_copy(update={"launched_at": self.launched_at})
         write_text_atomic(self.request_file, request.model_dump_json(indent=2))
         try:
-            returncode: int | None = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            returncode = None
+            returncode = self._wait(Path(request.result), timeout_s)
         finally:
             self.stop(log_file)
         what = f"quantize: torchrun ({self.plan.world_size} ranks)"
@@ -151,12 +150,25 @@ class RankLaunch:
             raise StageFailed(f"{what} did not finish within {timeout_s:.0f} s; log: {log_file}")
         if returncode != 0:
             raise StageFailed(f"{what} exited {returncode}; log: {log_file}")
-        exited = time.time()
+        stopped = time.time()
         return {
-            "launch_s": round(exited - submitted, 2),
+            "launch_s": round(stopped - submitted, 2),
             "ahead_s": round(submitted - self.launched_at, 2),
-            "exited_at": exited,
+            "stopped_at": stopped,
         }
+
+    def _wait(self, result: Path, timeout_s: float) -> int | None:
+        """0 once `result` exists (rank 0 writes it atomically after the save), torchrun's exit code if it exits
+        first, None past `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if result.is_file():
+                return 0
+            returncode = self.proc.poll()
+            if returncode is not None:
+                return returncode
+            time.sleep(POLL_S)
+        return None
 
     def stop(self, log_file: Path | None = None) -> None:
         """Kill torchrun and its ranks if still running and remove the temporary files (the log copied to
@@ -189,12 +201,12 @@ def rank_slice(num_samples: int, rank: int, world_size: int) -> range:
 
 def launch_quantize(request: DistributedRequest, log_file: Path, ranks: RankLaunch) -> dict[str, Any]:
     """Hand `request` to the ranks, wait for them and return rank 0's result with the launch timings; `exit_s`
-    is from rank 0 writing its result to torchrun's exit (the ranks' teardown)."""
+    is from rank 0 writing its result to the ranks being stopped."""
     timings = ranks.run(request, log_file)
     result_file = Path(request.result)
     if not result_file.is_file() or not (Path(request.output) / "config.json").is_file():
         raise StageFailed(f"quantize: torchrun finished but rank 0 saved no model in {request.output}; log: {log_file}")
-    exit_s = round(timings.pop("exited_at") - result_file.stat().st_mtime, 2)
+    exit_s = round(timings.pop("stopped_at") - result_file.stat().st_mtime, 2)
     return {**json.loads(result_file.read_text()), **timings, "exit_s": exit_s}
 
 
@@ -250,9 +262,10 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "quantize_s": result["quantize_s"],
             "launch_s": result["launch_s"],  # from the request to torchrun's exit: what the stage waited
             "ahead_s": result["ahead_s"],  # how long before the request torchrun was started
-            "exit_s": result["exit_s"],  # from rank 0's result to torchrun's exit
+            "exit_s": result["exit_s"],  # from rank 0's result to the ranks being stopped
             # per rank: spawn_s (torchrun starting it), import_s, group_s (the process group), idle_s (ready,
-            # waiting for the request), load_s, quantize_s, save_s (compress_s of it), peak_gpu_gib (None on CPU)
+            # waiting for the request), load_s, quantize_s, save_s (compress_s and host_copy_s of it),
+            # peak_gpu_gib (None on CPU)
             "ranks": result["ranks"],
             "peak_gpu_gib": result["peak_gpu_gib"],
             "log": "logs/quantize-torchrun.log",
