@@ -448,22 +448,9 @@ def test_save_writes_shards_the_export_can_hash_side_by_side(monkeypatch: pytest
     assert shards <= set(hash_tree(tmp_path))
 
 
-def test_host_state_dict_copies_each_tensor_once_and_keeps_ties(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.backends import llmcompressor_backend
-
-    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(8, 4), "head": torch.nn.Linear(4, 8)})
-    model.head.weight = model.embed.weight  # tied, as transformers ties input and output embeddings
-    state = llmcompressor_backend.host_state_dict(model)
-    assert state is not None and state.keys() == model.state_dict().keys()
-    assert state["head.weight"] is state["embed.weight"] and state["head.weight"] is not model.head.weight
-    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
-    monkeypatch.setattr(llmcompressor_backend, "HOST_COPY_SHARE", 0.0)
-    assert llmcompressor_backend.host_state_dict(model) is None  # too large: the per-shard save stays
-
-
-def test_save_from_the_host_copy_writes_the_same_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A GPU-resident model's save (compressed first, its state dict handed over in host memory) writes the
-    files llm-compressor's own save writes, byte for byte."""
+def test_compressing_first_writes_the_same_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A GPU-resident model's save (compressed in place first, as distributed ranks must) writes the files
+    llm-compressor's own save writes, byte for byte."""
     from pipeline.backends import llmcompressor_backend
 
     run = _tiny_run(GPTQ, None, torch.float32)
@@ -471,7 +458,7 @@ def test_save_from_the_host_copy_writes_the_same_files(monkeypatch: pytest.Monke
     assert llmcompressor_backend.save_compressed(run.model, tmp_path / "own") == {}  # on the host: nothing extra
     monkeypatch.setattr(llmcompressor_backend, "gpu_resident", lambda model: True)
     parts = llmcompressor_backend.save_compressed(run.model, tmp_path / "copy")
-    assert set(parts) == {"compress_s", "host_copy_s"}
+    assert set(parts) == {"compress_s"}
     own = {p.name: p.read_bytes() for p in (tmp_path / "own").iterdir()}
     assert len(own) > 3 and own == {p.name: p.read_bytes() for p in (tmp_path / "copy").iterdir()}
 

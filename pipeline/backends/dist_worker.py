@@ -7,7 +7,7 @@ REQUEST.json exists, and waits for the parent to write it (giving up if the pare
 model (onto its own GPU when it fits there; otherwise through llm-compressor's offloaded loading: rank 0 reads
 the weights, the other ranks share them through host memory), calibrates on its contiguous slice of the
 calibration set and takes part in saving (a GPU-resident replica is compressed by its own rank first:
-`save_compressed`); rank 0 writes the model, the tokenizer and a JSON result.
+`save_compressed`, below); rank 0 writes the model, the tokenizer and a JSON result.
 
 A GPU-resident replica is compressed by its own rank before the collective save. The save otherwise splits
 compression across the ranks and broadcasts each module from the rank that compressed it; compressed-tensors
@@ -132,7 +132,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
     compute_dtype = str(model.dtype)
     if request.export_dtype is not None and model.dtype != getattr(torch, request.export_dtype):
         model.to(getattr(torch, request.export_dtype))
-    saved = save_compressed(model, Path(request.output), writer=rank == 0)  # all join, rank 0 writes
+    saved = save_compressed(model, Path(request.output))  # all join, rank 0 writes
     if rank == 0:
         tokenizer.save_pretrained(request.output)
     mine = {
@@ -141,7 +141,7 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
         "load_s": round(loaded - start, 2),
         "quantize_s": round(quantized - loaded, 2),
         "save_s": round(time.perf_counter() - quantized, 2),
-        **saved,  # of save_s: compress_s (this rank's replica), host_copy_s (rank 0's weights to host memory)
+        **saved,  # compress_s of save_s: this rank's replica compressed on its own
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
     ranks: list[Any] = [None] * world_size

@@ -264,8 +264,7 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "ahead_s": result["ahead_s"],  # how long before the request torchrun was started
             "exit_s": result["exit_s"],  # from rank 0's result to the ranks being stopped
             # per rank: spawn_s (torchrun starting it), import_s, group_s (the process group), idle_s (ready,
-            # waiting for the request), load_s, quantize_s, save_s (compress_s and host_copy_s of it),
-            # peak_gpu_gib (None on CPU)
+            # waiting for the request), load_s, quantize_s, save_s (compress_s of it), peak_gpu_gib (None on CPU)
             "ranks": result["ranks"],
             "peak_gpu_gib": result["peak_gpu_gib"],
             "log": "logs/quantize-torchrun.log",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from pipeline.backends import patches
@@ -26,11 +24,6 @@ from pipeline.recipe.schema import QuantizeSpec
 # that the export stage hashes side by side (one 6 GB file took 5 s to hash on an H200 host) and loaders read
 # in parallel.
 SHARD_SIZE = "2GB"
-# Copies from the GPU into fresh host memory run one tensor at a time inside safetensors' save, at about
-# 1.5 GB/s on an H200 host (page faults on every new page): 4 of the 5 s an 8B int4 save took. Several copies
-# at once overlap that work.
-HOST_COPY_THREADS = 8
-HOST_COPY_SHARE = 0.5  # of the available host memory the copy may take; a larger model keeps the per-shard save
 
 
 def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
@@ -91,40 +84,16 @@ def gpu_resident(model: Any) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
-def host_state_dict(model: Any, threads: int = HOST_COPY_THREADS) -> dict[str, torch.Tensor] | None:
-    """The model's state dict copied to host memory `threads` tensors at a time, tied tensors copied once (so
-    transformers still sees them tied); None when it would take more than `HOST_COPY_SHARE` of the available
-    host memory."""
-    state = model.state_dict()
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    if size > HOST_COPY_SHARE * psutil.virtual_memory().available:
-        return None
-
-    def view(t: torch.Tensor) -> tuple[Any, ...]:
-        return (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
-
-    distinct = {view(t): t for t in state.values()}
-    with ThreadPoolExecutor(threads) as pool:
-        copies = dict(zip(distinct, pool.map(lambda t: t.to("cpu", copy=True), distinct.values()), strict=True))
-    return {name: copies[view(t)] for name, t in state.items()}
-
-
-def save_compressed(model: Any, out_dir: Path, writer: bool = True) -> dict[str, float]:
-    """llm-compressor's compressed save (a collective one in a distributed run: every rank calls it, the
-    `writer` writes). A GPU-resident model is compressed first and the writer hands its state dict over already
-    in host memory (`host_state_dict`). Returns the seconds of those two steps that ran (`compress_s`,
-    `host_copy_s`)."""
-    kwargs: dict[str, Any] = {}
+def save_compressed(model: Any, out_dir: Path) -> dict[str, float]:
+    """llm-compressor's compressed save (a collective one in a distributed run: every rank calls it, rank 0
+    writes). A GPU-resident model is compressed first, on its own (see `pipeline.backends.dist_worker` for why
+    ranks must); returns that step's seconds as `compress_s`, nothing when it did not run."""
     parts: dict[str, float] = {}
     if gpu_resident(model):
         started = time.perf_counter()
         compress_in_place(model)
         parts["compress_s"] = round(time.perf_counter() - started, 2)
-        state = host_state_dict(model) if writer else None
-        if state is not None:
-            kwargs["state_dict"] = state
-            parts["host_copy_s"] = round(time.perf_counter() - started - parts["compress_s"], 2)
-    model.save_pretrained(str(out_dir), save_compressed=True, max_shard_size=SHARD_SIZE, **kwargs)
+    model.save_pretrained(str(out_dir), save_compressed=True, max_shard_size=SHARD_SIZE)
     return parts
 
 
