@@ -6,15 +6,14 @@ Every rank imports what it will need and joins the process group (NCCL on GPUs, 
 REQUEST.json exists, and waits for the parent to write it (giving up if the parent is gone). Then it loads the
 model (onto its own GPU when it fits there; otherwise through llm-compressor's offloaded loading: rank 0 reads
 the weights, the other ranks share them through host memory), calibrates on its contiguous slice of the
-calibration set and takes part in saving (a GPU-resident replica is compressed by its own rank first:
-`save_compressed`, below); rank 0 writes the model, the tokenizer and a JSON result.
+calibration set and takes part in saving; rank 0 writes the model, the tokenizer and a JSON result.
 
-A GPU-resident replica is compressed by its own rank before the collective save. The save otherwise splits
-compression across the ranks and broadcasts each module from the rank that compressed it; compressed-tensors
-0.19 sizes the receiving tensors from a compression on the meta device, which leaves an asymmetric scheme's
-zero point unpacked (int8 [out, groups]) where the sender packed it (int32): NCCL then waits forever (AWQ
-W4A16_ASYM on two H200s) and gloo delivers the wrong bytes. Ranks sharing the host copy exchange shapes and are
-unaffected.
+A GPU-resident replica is compressed by its own rank before the collective save (`save_compressed`). The save
+otherwise splits compression across the ranks and broadcasts each module from the rank that compressed it;
+compressed-tensors 0.19 sizes the receiving tensors from a compression on the meta device, which leaves an
+asymmetric scheme's zero point unpacked (int8 [out, groups]) where the sender packed it (int32): NCCL then waits
+forever (AWQ W4A16_ASYM on two H200s) and gloo delivers the wrong bytes. Ranks sharing the host copy exchange
+shapes and are unaffected.
 """
 
 from __future__ import annotations

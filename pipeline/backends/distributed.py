@@ -260,7 +260,7 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "env": plan.env,
             "samples_per_rank": [len(rank_slice(samples, r, plan.world_size)) for r in range(plan.world_size)],
             "quantize_s": result["quantize_s"],
-            "launch_s": result["launch_s"],  # from the request to torchrun's exit: what the stage waited
+            "launch_s": result["launch_s"],  # from the request to the ranks being stopped: what the stage waited
             "ahead_s": result["ahead_s"],  # how long before the request torchrun was started
             "exit_s": result["exit_s"],  # from rank 0's result to the ranks being stopped
             # per rank: spawn_s (torchrun starting it), import_s, group_s (the process group), idle_s (ready,

@@ -474,7 +474,7 @@ def fused_causal_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
-NORM_TOLERANCE = {"rtol": 1e-2, "atol": 1e-3}  # a bf16 step: the fused mean sums in another order, nothing more
+NORM_TOLERANCE = {"rtol": 1e-2, "atol": 1e-3}  # two bf16 steps: the fused mean only sums in another order
 
 
 def _fusable_norm(module: torch.nn.Module) -> bool:
