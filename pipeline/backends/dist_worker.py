@@ -150,8 +150,8 @@ def run(request: DistributedRequest, started: dict[str, float]) -> dict[str, Any
         "world_size": world_size,
         "quantize_s": mine["quantize_s"],
         "compute_dtype": compute_dtype,
-        "tuning": backend.tuning.model_dump() if backend.tuning is not None else None,
-        "placement": placement.model_dump(),
+        # the stage's description, so the parent never imports llm-compressor to build the modifiers again
+        "describe": {**backend.describe(request.quantize), "placement": placement.model_dump()},
         "peak_gpu_gib": max(peaks) if peaks else None,  # the fullest rank's
         "ranks": ranks,
     }

@@ -212,8 +212,6 @@ def launch_quantize(request: DistributedRequest, log_file: Path, ranks: RankLaun
 
 def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, export_dtype: Any) -> dict[str, Any]:
     """The quantize stage on `quantize.num_gpus` ranks; export picks the saved model up from `ctx.state`."""
-    from pipeline.backends import get_backend
-
     spec = recipe.quantize
     require_gpus("quantize.num_gpus", spec.num_gpus)
     samples = calibration_size(ctx)  # num_gpus > 1 implies a calibrated method (recipe schema)
@@ -242,15 +240,11 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
     result = launch_quantize(request, ctx.logs_dir / "quantize-torchrun.log", ranks)
     plan = ranks.plan
     ctx.state.update(saved_dir=work / "model", work_dir=work)
-    describe = get_backend(spec.backend).describe(spec)
-    for key in ("placement", "tuning"):
-        if result.get(key) is not None:
-            describe[key] = result[key]
     return {
         "backend": spec.backend,
         "method": spec.method,
         "scheme": spec.scheme,
-        **describe,
+        **result["describe"],
         "calibration_samples": samples,
         "compute_dtype": result["compute_dtype"],
         "export_dtype": str(export_dtype),

@@ -454,7 +454,7 @@ class Bench:
             num_gpus=self.num_gpus,
             samples=samples,
             seq_len=seq_len,
-            plan=result["tuning"],
+            plan=result["describe"].get("tuning"),
             stages_s={
                 "build": round(trial.build_s, 2),
                 "save": round(save_s, 2),
