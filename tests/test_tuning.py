@@ -346,6 +346,22 @@ def test_fused_rms_norm_stands_in_once_checked() -> None:
     assert norm.calls == calls + 1
 
 
+def test_fused_rms_norm_leaves_a_norm_with_more_inputs_to_itself() -> None:
+    """A norm called with more than the hidden states (a gate) runs its own forward."""
+
+    class GatedNorm(CountingNorm):
+        def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+            out = super().forward(hidden_states)
+            return out if gate is None else out * gate
+
+    norm = GatedNorm(8)
+    forward = fused_rms_norm(GatedNorm.forward)
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    gate = torch.full_like(x, 2.0)
+    assert torch.equal(forward(norm, x, gate), GatedNorm.forward(norm, x, gate))
+    assert torch.equal(forward(norm, x, gate=gate), GatedNorm.forward(norm, x, gate=gate))
+
+
 def test_fused_rms_norm_keeps_a_norm_that_computes_something_else() -> None:
     """Gemma's `1 + weight` norm fails the check and keeps its own forward, bit for bit, from then on."""
     torch.manual_seed(0)
