@@ -466,17 +466,18 @@ def test_save_writes_shards_the_export_can_hash_side_by_side(monkeypatch: pytest
 
 def test_compressing_first_writes_the_same_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A GPU-resident model's save (compressed in place first, as distributed ranks must) writes the files
-    llm-compressor's own save writes, byte for byte."""
+    llm-compressor's own save writes, byte for byte. Two identical runs, so the second model is still
+    uncompressed when `compress_in_place` reaches it."""
     from pipeline.backends import llmcompressor_backend
 
-    run = _tiny_run(GPTQ, None, torch.float32)
+    own, first = (_tiny_run(GPTQ, None, torch.float32) for _ in range(2))
     monkeypatch.setattr(llmcompressor_backend, "SHARD_SIZE", "1MB")
-    assert llmcompressor_backend.save_compressed(run.model, tmp_path / "own") == {}  # on the host: nothing extra
+    assert llmcompressor_backend.save_compressed(own.model, tmp_path / "own") == {}  # on the host: nothing extra
     monkeypatch.setattr(llmcompressor_backend, "gpu_resident", lambda model: True)
-    parts = llmcompressor_backend.save_compressed(run.model, tmp_path / "copy")
+    parts = llmcompressor_backend.save_compressed(first.model, tmp_path / "copy")
     assert set(parts) == {"compress_s"}
-    own = {p.name: p.read_bytes() for p in (tmp_path / "own").iterdir()}
-    assert len(own) > 3 and own == {p.name: p.read_bytes() for p in (tmp_path / "copy").iterdir()}
+    files = {p.name: p.read_bytes() for p in (tmp_path / "own").iterdir()}
+    assert len(files) > 3 and files == {p.name: p.read_bytes() for p in (tmp_path / "copy").iterdir()}
 
 
 def _counted_runs(
