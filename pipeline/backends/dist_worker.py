@@ -31,11 +31,9 @@ import torch
 import torch.distributed as dist
 from compressed_tensors.offload import init_dist
 
-from pipeline.backends.distributed import PARENT_PID_ENV, DistributedRequest, rank_slice
+from pipeline.backends.distributed import PARENT_PID_ENV, POLL_S, DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
 from pipeline.run.files import write_text_atomic
-
-POLL_S = 0.05  # how often a waiting rank looks for its request
 
 
 def rank_start(launched_at: float | None, created: float, marks: dict[str, float]) -> dict[str, float]:

@@ -38,7 +38,7 @@ RESERVE_CPU_BYTES = 5 * 10**9  # host memory llm-compressor's offloaded loading 
 TIMEOUT_S = 24 * 3600  # a hung collective must not block a run forever
 WORK_DIR = "quantize-dist"  # in the run directory: the result and the saved model until export
 PARENT_PID_ENV = "QPIPE_PARENT_PID"  # ranks waiting for their request give up when this process is gone
-POLL_S = 0.05  # how often the stage looks for rank 0's result
+POLL_S = 0.05  # how often a waiting side looks for the other's file: a rank for its request, the stage for the result
 
 
 def visible_cuda_gpus() -> int:

@@ -501,9 +501,15 @@ def fused_rms_norm(original: Callable[..., torch.Tensor]) -> Callable[..., torch
     verdict: list[bool] = []
 
     def forward(self: torch.nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plain = isinstance(hidden_states, torch.Tensor) and hidden_states.device.type != "meta" and not args
-        if not plain or kwargs or verdict == [False] or hidden_states.dtype not in (torch.bfloat16, torch.float16):
-            return original(self, hidden_states, *args, **kwargs)  # a gate or other extra input: not a plain norm
+        plain = (  # one real low-precision tensor: not a traced proxy, not a meta tensor, no gate or other input
+            not args
+            and not kwargs
+            and isinstance(hidden_states, torch.Tensor)
+            and hidden_states.device.type != "meta"
+            and hidden_states.dtype in (torch.bfloat16, torch.float16)
+        )
+        if not plain or verdict == [False]:
+            return original(self, hidden_states, *args, **kwargs)
         normalized = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
         fused = self.weight * normalized
         if not verdict:
