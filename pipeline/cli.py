@@ -285,7 +285,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--num-gpus",
         type=int,
-        help="quantize through the torchrun launcher on N GPUs (modes default/tuned; 1 = its one-GPU baseline)",
+        help="quantize through the multi-GPU launcher on N GPUs (modes default/tuned; 1 = its one-GPU baseline)",
     )
     bench.add_argument("--report", action="store_true", help="then regenerate docs/BENCHMARKS.md")
     bench.add_argument("--report-only", action="store_true", help="only regenerate docs/BENCHMARKS.md")

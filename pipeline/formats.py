@@ -89,7 +89,7 @@ class BackendInfo:
     schemes: frozenset[str]
     formats: dict[str, str]  # method -> checkpoint format (a FORMATS key)
     unsupported_fields: tuple[str, ...] = ()  # QuantizeSpec fields this engine has no equivalent for
-    distributed: bool = False  # calibration runs data-parallel under torchrun (quantize.num_gpus > 1)
+    distributed: bool = False  # calibration runs data-parallel, one process per GPU (quantize.num_gpus > 1)
     selects_layers: bool = False  # honours quantize.targets/ignore (else: every decoder Linear, not lm_head)
     extra: str | None = None  # the pyproject extra that installs the engine (None: a base dependency)
 

@@ -240,7 +240,7 @@ def run_pipeline(
     output: Path | None = None,
     ranks: RankLaunch | None = None,
 ) -> RunContext:
-    """Run (or resume) the recipe; returns the context whose manifest records every stage. `ranks`: torchrun
+    """Run (or resume) the recipe; returns the context whose manifest records every stage. `ranks`: the ranks
     already started for a quantize stage on several GPUs (`prestarted_ranks`).
 
     A failed or inconclusive quality gate is recorded (manifest `gate`, artifact kept) and raised after the

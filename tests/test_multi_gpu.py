@@ -1,4 +1,4 @@
-"""Multi-GPU: recipe fields, visible-GPU checks, the torchrun launch plan, and a real 2-rank gloo run on CPU."""
+"""Multi-GPU: recipe fields, visible-GPU checks, the rank launch plan, and a real 2-rank gloo run on CPU."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pipeline.backends.distributed import (
     RankLaunch,
     check_parallel_resources,
     launch_plan,
+    launch_quantize,
     prestarted_ranks,
     rank_slice,
     require_gpus,
@@ -130,25 +131,22 @@ def test_run_fails_before_any_model_is_loaded(
     assert not list(tmp_path.rglob("calibration"))  # not even the calibrate stage ran
 
 
-def test_launch_plan_is_torchrun_with_nvls_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_launch_plan_runs_one_worker_per_gpu_with_nvls_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
-    plan = launch_plan(Path("/run/quantize-dist/request.json"), 4, cpu_count=64)
-    assert plan.argv == [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "4",
-        "-m",
-        "pipeline.backends.dist_worker",
-        "/run/quantize-dist/request.json",
-    ]
+    plan = launch_plan(Path("/run/quantize-dist/request.json"), 4, cpu_count=64, port=29555)
+    assert plan.argv == [sys.executable, "-m", "pipeline.backends.dist_worker", "/run/quantize-dist/request.json"]
     assert plan.world_size == 4
     assert plan.env["NCCL_NVLS_ENABLE"] == "0"
     assert plan.env["OMP_NUM_THREADS"] == "16"
     assert plan.env["PYTHONPATH"] == os.pathsep.join([str(import_root()), "/elsewhere"])
     assert plan.env["QPIPE_PARENT_PID"] == str(os.getpid())  # waiting ranks give up when this process is gone
+    # torch.distributed's env:// rendezvous, rank 0 hosting the store
+    assert {k: plan.env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")} == {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29555",
+        "WORLD_SIZE": "4",
+    }
+    assert plan.rank_env(3)["RANK"] == plan.rank_env(3)["LOCAL_RANK"] == "3" and "RANK" not in plan.env
     assert launch_plan(Path("r.json"), 4, cpu_count=2).env["OMP_NUM_THREADS"] == "1"
 
 
@@ -171,22 +169,37 @@ def _request(tmp_path: Path) -> DistributedRequest:
     )
 
 
-def test_launch_failure_and_timeout_kill_the_process_group(tmp_path: Path) -> None:
-    failing = LaunchPlan(argv=[sys.executable, "-c", "raise SystemExit(3)"], env={}, world_size=2)
+def test_a_failing_rank_or_a_timeout_stops_every_rank(tmp_path: Path) -> None:
+    """A rank that dies leaves the others waiting in a collective forever: the stage stops them all."""
+    pid_file = tmp_path / "rank0.pid"
+    rank_1_fails = (
+        "import os, pathlib, time; rank = os.environ['RANK']\n"
+        "if rank == '1': time.sleep(0.5); raise SystemExit(3)\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    )
+    failing = LaunchPlan(argv=[sys.executable, "-c", rank_1_fails], env={}, world_size=2)
     launch = RankLaunch(2, plan=failing)
-    with pytest.raises(StageFailed, match=r"torchrun \(2 ranks\) exited 3; log: "):
+    with pytest.raises(StageFailed, match=r"^quantize: rank 1 exited 3 \(2 ranks\); log: "):
         launch.run(_request(tmp_path), tmp_path / "fail.log")
     assert (tmp_path / "fail.log").is_file() and not launch.dir.exists()  # log kept, temporary files gone
-    pid_file = tmp_path / "child.pid"
+    _assert_dies(int(pid_file.read_text()))
+    child_file = tmp_path / "child.pid"
     spawn = (
         "import subprocess, sys, time; "
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+        f"open({str(child_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
     )
-    hanging = LaunchPlan(argv=[sys.executable, "-c", spawn], env={"QPIPE_PROBE": "1"}, world_size=2)
-    with pytest.raises(StageFailed, match=r"did not finish within 3 s"):
-        RankLaunch(2, plan=hanging).run(_request(tmp_path), tmp_path / "hang.log", timeout_s=3)
-    _assert_dies(int(pid_file.read_text()))
+    hanging = LaunchPlan(argv=[sys.executable, "-c", spawn], env={"QPIPE_PROBE": "1"}, world_size=1)
+    with pytest.raises(StageFailed, match=r"the ranks did not finish within 3 s"):
+        RankLaunch(1, plan=hanging).run(_request(tmp_path), tmp_path / "hang.log", timeout_s=3)
+    _assert_dies(int(child_file.read_text()))
+
+
+def test_ranks_that_exit_without_a_result_fail_the_stage(tmp_path: Path) -> None:
+    request = _request(tmp_path)
+    quiet = LaunchPlan(argv=[sys.executable, "-c", "pass"], env={}, world_size=2)
+    with pytest.raises(StageFailed, match=r"^quantize: the ranks finished but rank 0 saved no model in "):
+        launch_quantize(request, tmp_path / "ranks.log", RankLaunch(2, plan=quiet))
 
 
 def test_the_stage_stops_the_ranks_once_rank_0_wrote_its_result(tmp_path: Path) -> None:
@@ -218,8 +231,9 @@ def test_ranks_start_only_for_a_quantize_stage_on_several_gpus(tmp_path: Path, m
     with prestarted_ranks(one, ["calibrate", "quantize"]) as none, prestarted_ranks(two, ["eval"]) as neither:
         assert none is None and neither is None
     with prestarted_ranks(two, ["calibrate", "quantize"]) as ranks:
-        assert ranks is not None and ranks.proc.poll() is None
-    _assert_dies(ranks.proc.pid)  # stopped on the way out, whatever happened inside
+        assert ranks is not None and ranks.running() and len(ranks.procs) == 2
+    for proc in ranks.procs:  # stopped on the way out, whatever happened inside
+        _assert_dies(proc.pid)
 
 
 def test_a_waiting_rank_gives_up_when_its_parent_is_gone(tmp_path: Path) -> None:
@@ -245,7 +259,7 @@ def test_worker_rejects_a_missing_request(capsys: pytest.CaptureFixture[str]) ->
     from pipeline.backends.dist_worker import main
 
     assert main([]) == 2
-    assert "usage: torchrun ... -m pipeline.backends.dist_worker REQUEST.json" in capsys.readouterr().err
+    assert "usage: RANK=... python -m pipeline.backends.dist_worker REQUEST.json" in capsys.readouterr().err
 
 
 def test_smoke_request_carries_tensor_parallel_size(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -369,11 +383,11 @@ def _run_gptq(model_dir: Path, output: Path, num_gpus: int) -> Path:
         return run_pipeline(recipe, path, steps, output=output, ranks=ranks).run_dir
 
 
-@pytest.mark.e2e  # torchrun with two gloo ranks (~20 s)
+@pytest.mark.e2e  # two gloo ranks (~20 s)
 def test_two_rank_gloo_gptq_matches_single_process(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torchrun with 2 CPU ranks (gloo): llm-compressor splits the calibration set, reduces the GPTQ Hessians
+    """2 CPU ranks (gloo): llm-compressor splits the calibration set, reduces the GPTQ Hessians
     and saves once; the artifact has the single-process layout, the same scales and loads."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -395,7 +409,7 @@ def test_two_rank_gloo_gptq_matches_single_process(
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["load_s"] > 0 and r["save_s"] > 0 for r in ranks)
     launch = stage["distributed"]
     # the last rank to reach the group's barrier waits for nobody: its group_s may round to 0
-    assert all(r["spawn_s"] > 0 and r["import_s"] > 0 and r["group_s"] >= 0 and r["idle_s"] >= 0 for r in ranks)
+    assert all(r["spawn_s"] >= 0 and r["import_s"] > 0 and r["group_s"] >= 0 and r["idle_s"] >= 0 for r in ranks)
     assert launch["ahead_s"] > 0 and launch["exit_s"] >= 0  # started before the calibrate stage ran
     # no rank read its request before the quantize stage wrote it
     assert all(r["spawn_s"] + r["import_s"] + r["group_s"] + r["idle_s"] >= launch["ahead_s"] - 0.05 for r in ranks)
@@ -403,7 +417,7 @@ def test_two_rank_gloo_gptq_matches_single_process(
     argv = launch["argv"]
     assert argv[-3:-1] == ["-m", "pipeline.backends.dist_worker"] and argv[-1].endswith("/request.json")
     assert stage["modifiers"] == ["GPTQModifier"] and stage["calibration_samples"] == 8
-    log = (multi / "logs" / "quantize-torchrun.log").read_text()
+    log = (multi / "logs" / distributed.RANKS_LOG).read_text()
     assert "partitioning dataset across ranks" not in log  # each rank got its own slice from the worker
 
     ours, theirs = (load_file(str(d / "model" / "model.safetensors")) for d in (multi, single))
@@ -424,7 +438,7 @@ def test_two_rank_gloo_gptq_matches_single_process(
     idle = LaunchPlan(argv=[sys.executable, "-c", "import time; time.sleep(60)"], env={}, world_size=2)
     ranks = RankLaunch(2, plan=idle)
     run_pipeline(recipe, path, ["calibrate", "quantize", "export"], output=tmp_path / "multi", ranks=ranks)
-    assert ranks.proc.poll() is not None and not ranks.dir.exists()
+    assert not ranks.running() and not ranks.dir.exists()
     assert Manifest.load(multi / "manifest.json").stages["quantize"].outputs == stage
 
 
@@ -516,7 +530,7 @@ def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -
         run_bench(["gptq"], ["raw", "tuned"], num_gpus=2)
 
 
-@pytest.mark.e2e  # torchrun with two gloo ranks (~20 s)
+@pytest.mark.e2e  # two gloo ranks (~20 s)
 def test_bench_runs_gptq_through_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.bench.benchmark import BenchReport, render_table, run_bench
 
@@ -527,4 +541,4 @@ def test_bench_runs_gptq_through_the_launcher(tmp_path: Path, monkeypatch: pytes
     (run,) = report.runs
     assert run.num_gpus == 2 and run.mode == "default" and set(run.stages_s) == {"build", "save", "quantize", "launch"}
     assert 0 < run.stages_s["quantize"] < run.stages_s["launch"]
-    assert "| default (2 GPUs, torchrun) |" in render_table(report, "x.json")
+    assert "| default (2 GPUs, launcher) |" in render_table(report, "x.json")

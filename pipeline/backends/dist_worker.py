@@ -1,6 +1,6 @@
-"""One rank of distributed quantization; started by torchrun (see pipeline/backends/distributed.py), never directly.
+"""One rank of distributed quantization; started by the quantize stage (pipeline/backends/distributed.py) as
 
-``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.backends.dist_worker REQUEST.json``
+``RANK=r LOCAL_RANK=r WORLD_SIZE=N MASTER_ADDR=... MASTER_PORT=... python -m pipeline.backends.dist_worker REQUEST``
 
 Every rank imports what it will need and joins the process group (NCCL on GPUs, gloo on CPU) before
 REQUEST.json exists, and waits for the parent to write it (giving up if the parent is gone). Then it loads the
@@ -29,7 +29,6 @@ from typing import Any
 import psutil
 import torch
 import torch.distributed as dist
-from compressed_tensors.offload import init_dist
 
 from pipeline.backends.distributed import PARENT_PID_ENV, POLL_S, DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
@@ -38,7 +37,7 @@ from pipeline.run.files import write_text_atomic
 
 def rank_start(launched_at: float | None, created: float, marks: dict[str, float]) -> dict[str, float]:
     """This process's start in parts, from epoch-second `marks` (`imported`, `grouped`, `requested`):
-    `spawn_s` torchrun starting it (when the parent said when it launched torchrun), `import_s` the
+    `spawn_s` its process starting (when the parent said when it started the ranks), `import_s` the
     interpreter and the libraries (`preload`), `group_s` the device, the process group and its first barrier,
     `idle_s` ready and waiting for the request (a start the parent's own work hid completely)."""
     started = {
@@ -47,7 +46,7 @@ def rank_start(launched_at: float | None, created: float, marks: dict[str, float
         "idle_s": round(marks["requested"] - marks["grouped"], 2),
     }
     if launched_at is not None:
-        started["spawn_s"] = round(created - launched_at, 2)
+        started["spawn_s"] = max(0.0, round(created - launched_at, 2))  # `created` is to the clock tick
     return started
 
 
@@ -78,11 +77,15 @@ def wait_for_request(path: Path, parent_pid: int | None) -> DistributedRequest:
 
 
 def init_process_group() -> None:
-    """NCCL with one GPU per rank (compressed-tensors' `init_dist`), or gloo without CUDA."""
+    """NCCL with this rank's GPU (`LOCAL_RANK`) bound to the group, or gloo without CUDA; `env://` rendezvous.
+    The barrier makes every rank's NCCL set-up happen here, before the request, not in the first collective."""
     if torch.cuda.is_available():
-        init_dist()
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
     else:
         dist.init_process_group(backend="gloo")
+    dist.barrier()
 
 
 def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
@@ -160,7 +163,7 @@ def main(argv: list[str]) -> int:
     `request.result` out."""
     if len(argv) != 1:
         print(
-            f"usage: torchrun ... -m pipeline.backends.dist_worker REQUEST.json (got {len(argv)} arguments)",
+            f"usage: RANK=... python -m pipeline.backends.dist_worker REQUEST.json (got {len(argv)} arguments)",
             file=sys.stderr,
         )
         return 2
@@ -183,7 +186,7 @@ def main(argv: list[str]) -> int:
 
 def leave(code: int) -> None:
     """Exit without the interpreter's teardown, which takes seconds with torch, transformers and llm-compressor
-    loaded (and a GPU context) while torchrun and the quantize stage wait: the files are written and closed and
+    loaded (and a GPU context) while the quantize stage waits: the files are written and closed and
     the process group is gone, so only the logs need flushing."""
     logging.shutdown()
     sys.stdout.flush()

@@ -1,12 +1,18 @@
-"""Multi-GPU: visible-GPU checks and the `torchrun` launch of the distributed quantize worker.
+"""Multi-GPU: visible-GPU checks and the launch of the distributed quantize worker, one process per GPU.
 
-With ``quantize.num_gpus: N > 1``, ``qpipe run`` starts
-``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.backends.dist_worker REQUEST`` (torchrun)
-as soon as the recipe is loaded (`prestarted_ranks`): the ranks import their libraries and join the process group
-while the parent validates, fingerprints and calibrates, then wait for REQUEST. The quantize stage writes it and
-waits for torchrun; each rank calibrates on its slice of the calibration set (llm-compressor synchronises the
-statistics), rank 0 saves the compressed model, and export moves that folder into the artifact. When the plan
-skips quantize, the ranks are stopped before any other stage runs.
+With ``quantize.num_gpus: N > 1``, ``qpipe run`` starts N processes of
+``python -m pipeline.backends.dist_worker REQUEST`` with torch.distributed's environment (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` for its ``env://`` rendezvous) as soon as the recipe is loaded
+(`prestarted_ranks`): the ranks import their libraries and join the process group while the parent validates,
+fingerprints and calibrates, then wait for REQUEST. The quantize stage writes it and waits for rank 0's result;
+each rank calibrates on its slice of the calibration set (llm-compressor synchronises the statistics), rank 0
+saves the compressed model, and export moves that folder into the artifact. When the plan skips quantize, the
+ranks are stopped before any other stage runs.
+
+The ranks are started directly rather than through ``torchrun``: its agent imports torch before it spawns
+anyone, which put 2.0-2.5 s in front of every rank's own start on the H200 hosts (docs/BENCHMARKS.md), and the
+single-host, fixed-size launch needs none of its elastic restarts. The parent does what is left of the agent's
+job: it watches every rank and stops them all when one fails.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,13 +37,14 @@ from pipeline.paths import import_root
 from pipeline.recipe.schema import QuantizeSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import write_text_atomic
-from pipeline.run.processes import kill_process_group, start_in_session
+from pipeline.run.processes import kill_process_group
 
 WORKER_MODULE = "pipeline.backends.dist_worker"
 # NVLink multicast (NVLS) off: NCCL's NVLS setup fails or hangs on hosts/containers that do not expose it.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
 RESERVE_CPU_BYTES = 5 * 10**9  # host memory llm-compressor's offloaded loading leaves free (its default)
 TIMEOUT_S = 24 * 3600  # a hung collective must not block a run forever
+RANKS_LOG = "quantize-ranks.log"  # in the run's logs: every rank's output
 WORK_DIR = "quantize-dist"  # in the run directory: the result and the saved model until export
 PARENT_PID_ENV = "QPIPE_PARENT_PID"  # ranks waiting for their request give up when this process is gone
 POLL_S = 0.05  # how often a waiting side looks for the other's file: a rank for its request, the stage for the result
@@ -85,11 +94,12 @@ class DistributedRequest(BaseModel):
     output: str  # rank 0 saves the compressed model and tokenizer here
     result: str  # rank 0 writes a JSON summary here
     reserve_cpu_bytes: int  # host memory the offloaded loading leaves free
-    launched_at: float | None = None  # epoch seconds when torchrun was started: ranks time their own start
+    launched_at: float | None = None  # epoch seconds when the ranks were started: they time their own start
 
 
 class LaunchPlan(BaseModel):
-    """The exact torchrun command and the environment variables set on top of the caller's."""
+    """The command every rank runs and the environment set on top of the caller's: `env` for all, `RANK` and
+    `LOCAL_RANK` added per rank."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -97,16 +107,29 @@ class LaunchPlan(BaseModel):
     env: dict[str, str]
     world_size: int
 
+    def rank_env(self, rank: int) -> dict[str, str]:
+        return {**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
 
-def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None) -> LaunchPlan:
-    """torchrun (as `python -m torch.distributed.run`, so the venv's torch is used) with one rank per GPU."""
+
+def free_port() -> int:
+    """A TCP port free on this host now, for rank 0's rendezvous store (as torchrun --standalone picks one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None, port: int | None = None) -> LaunchPlan:
+    """One `dist_worker` process per GPU, with this venv's python, rendezvousing on localhost."""
     threads = max(1, (cpu_count or os.cpu_count() or 1) // num_gpus)
     pythonpath = os.pathsep.join(filter(None, [str(import_root()), os.environ.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(num_gpus)]
     return LaunchPlan(
-        argv=[*argv, "-m", WORKER_MODULE, str(request_file)],
+        argv=[sys.executable, "-m", WORKER_MODULE, str(request_file)],
         env={
             **NCCL_ENV,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port or free_port()),
+            "WORLD_SIZE": str(num_gpus),
+            "LOCAL_WORLD_SIZE": str(num_gpus),
             "OMP_NUM_THREADS": str(threads),
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": pythonpath,
@@ -117,39 +140,44 @@ def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None)
 
 
 class RankLaunch:
-    """A torchrun started before its request exists: the ranks import, join the process group and wait for
-    the request file, so their start overlaps what the parent does until it writes it. Output goes to a
+    """Ranks started before their request exists: they import, join the process group and wait for the
+    request file, so their start overlaps what the parent does until it writes it. Their output goes to one
     temporary log that `run` copies where the stage keeps its logs."""
 
     def __init__(self, num_gpus: int, plan: LaunchPlan | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="qpipe-ranks-"))
         self.request_file = self.dir / "request.json"
         self.plan = plan or launch_plan(self.request_file, num_gpus)
-        self.log_file = self.dir / "torchrun.log"
+        self.log_file = self.dir / "ranks.log"
         self.launched_at = time.time()
-        try:  # its own session: a stop or timeout kills torchrun and every rank
-            self.proc = start_in_session(self.plan.argv, self.log_file, {**os.environ, **self.plan.env})
+        self.procs: list[subprocess.Popen] = []
+        try:
+            with self.log_file.open("w") as log:
+                for rank in range(self.plan.world_size):  # each in its own session: a stop kills all it spawned
+                    env = {**os.environ, **self.plan.rank_env(rank)}
+                    self.procs.append(
+                        subprocess.Popen(
+                            self.plan.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                        )
+                    )
         except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.stop()
             raise
 
     def run(self, request: DistributedRequest, log_file: Path, timeout_s: float = TIMEOUT_S) -> dict[str, float]:
-        """Write the request and wait until rank 0's result exists (or torchrun exits first), then stop the
-        ranks: what is left of them, destroying the process group and exiting, writes nothing. The log lands in
-        `log_file`. Returns `launch_s` (request to stop: what the stage waits), `ahead_s` (how long the ranks
-        were started before) and `stopped_at` (epoch seconds)."""
+        """Write the request and wait until rank 0's result exists (or a rank fails, or all exit first), then
+        stop the ranks: what is left of them, destroying the process group and exiting, writes nothing. The log
+        lands in `log_file`. Returns `launch_s` (request to stop: what the stage waits), `ahead_s` (how long the
+        ranks were started before) and `stopped_at` (epoch seconds)."""
         submitted = time.time()
         request = request.model_copy(update={"launched_at": self.launched_at})
         write_text_atomic(self.request_file, request.model_dump_json(indent=2))
         try:
-            returncode = self._wait(Path(request.result), timeout_s)
+            failure = self._wait(Path(request.result), timeout_s)
         finally:
             self.stop(log_file)
-        what = f"quantize: torchrun ({self.plan.world_size} ranks)"
-        if returncode is None:
-            raise StageFailed(f"{what} did not finish within {timeout_s:.0f} s; log: {log_file}")
-        if returncode != 0:
-            raise StageFailed(f"{what} exited {returncode}; log: {log_file}")
+        if failure is not None:
+            raise StageFailed(f"quantize: {failure} ({self.plan.world_size} ranks); log: {log_file}")
         stopped = time.time()
         return {
             "launch_s": round(stopped - submitted, 2),
@@ -157,23 +185,32 @@ class RankLaunch:
             "stopped_at": stopped,
         }
 
-    def _wait(self, result: Path, timeout_s: float) -> int | None:
-        """0 once `result` exists (rank 0 writes it atomically after the save), torchrun's exit code if it exits
-        first, None past `timeout_s`."""
+    def _wait(self, result: Path, timeout_s: float) -> str | None:
+        """None once `result` exists (rank 0 writes it atomically after the save) or every rank exited 0;
+        otherwise what went wrong: the first rank to exit non-zero (the others would wait on it in a collective
+        forever), or the timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if result.is_file():
-                return 0
-            returncode = self.proc.poll()
-            if returncode is not None:
-                return returncode
+                return None
+            codes = [proc.poll() for proc in self.procs]
+            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                return f"rank {rank} exited {code}"
+            if all(code == 0 for code in codes):
+                return None
             time.sleep(POLL_S)
-        return None
+        return f"the ranks did not finish within {timeout_s:.0f} s"
+
+    def running(self) -> bool:
+        return any(proc.poll() is None for proc in self.procs)
 
     def stop(self, log_file: Path | None = None) -> None:
-        """Kill torchrun and its ranks if still running and remove the temporary files (the log copied to
+        """Kill every rank still running (and all it spawned) and remove the temporary files (the log copied to
         `log_file` first). Safe to call again."""
-        kill_process_group(self.proc)
+        for proc in self.procs:
+            kill_process_group(proc)
         if log_file is not None and self.log_file.is_file():
             log_file.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.log_file, log_file)
@@ -205,7 +242,9 @@ def launch_quantize(request: DistributedRequest, log_file: Path, ranks: RankLaun
     timings = ranks.run(request, log_file)
     result_file = Path(request.result)
     if not result_file.is_file() or not (Path(request.output) / "config.json").is_file():
-        raise StageFailed(f"quantize: torchrun finished but rank 0 saved no model in {request.output}; log: {log_file}")
+        raise StageFailed(
+            f"quantize: the ranks finished but rank 0 saved no model in {request.output}; log: {log_file}"
+        )
     exit_s = round(timings.pop("stopped_at") - result_file.stat().st_mtime, 2)
     return {**json.loads(result_file.read_text()), **timings, "exit_s": exit_s}
 
@@ -235,9 +274,9 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
         result=str(work / "result.json"),
         reserve_cpu_bytes=RESERVE_CPU_BYTES,
     )
-    ctx.log.info("quantize: %s %s via %s on %d GPUs (torchrun)", spec.method, spec.scheme, spec.backend, spec.num_gpus)
+    ctx.log.info("quantize: %s %s via %s on %d GPUs", spec.method, spec.scheme, spec.backend, spec.num_gpus)
     ranks = ctx.state.pop("ranks", None) or RankLaunch(spec.num_gpus)  # prestarted by `qpipe run`, or now
-    result = launch_quantize(request, ctx.logs_dir / "quantize-torchrun.log", ranks)
+    result = launch_quantize(request, ctx.logs_dir / RANKS_LOG, ranks)
     plan = ranks.plan
     ctx.state.update(saved_dir=work / "model", work_dir=work)
     return {
@@ -255,13 +294,13 @@ def quantize_distributed(recipe: Recipe, ctx: RunContext, compute_dtype: str, ex
             "samples_per_rank": [len(rank_slice(samples, r, plan.world_size)) for r in range(plan.world_size)],
             "quantize_s": result["quantize_s"],
             "launch_s": result["launch_s"],  # from the request to the ranks being stopped: what the stage waited
-            "ahead_s": result["ahead_s"],  # how long before the request torchrun was started
+            "ahead_s": result["ahead_s"],  # how long before the request the ranks were started
             "exit_s": result["exit_s"],  # from rank 0's result to the ranks being stopped
-            # per rank: spawn_s (torchrun starting it), import_s, group_s (the process group), idle_s (ready,
+            # per rank: spawn_s (its process starting), import_s, group_s (the process group), idle_s (ready,
             # waiting for the request), load_s, quantize_s, save_s (compress_s of it), peak_gpu_gib (None on CPU)
             "ranks": result["ranks"],
             "peak_gpu_gib": result["peak_gpu_gib"],
-            "log": "logs/quantize-torchrun.log",
+            "log": f"logs/{RANKS_LOG}",
         },
     }
 

@@ -13,8 +13,8 @@ Each run builds the same seeded model afresh (timed as stage ``build``) and quan
   product; ``norm=off``: transformers' own RMSNorm).
 
 With ``--num-gpus N`` the ``default`` and ``tuned`` modes run through the multi-GPU launcher instead
-(pipeline/backends/distributed.py: the model is saved, then quantized by N torchrun ranks); ``quantize`` is rank 0's
-``oneshot`` time, ``launch`` the whole torchrun run (start-up, loading, saving). N=1 gives the like-for-like
+(pipeline/backends/distributed.py: the model is saved, then quantized by N ranks); ``quantize`` is rank 0's
+``oneshot`` time, ``launch`` the ranks' whole run (start-up, loading, saving). N=1 gives the like-for-like
 one-GPU baseline.
 
 Results go to ``<out>/<machine>-<timestamp>.json``; ``--report`` renders every JSON under ``bench/results``
@@ -148,7 +148,7 @@ class RunResult(BaseModel):
     calib_tokens_per_s: float | None = None
     samples_per_s_per_layer: float | None = None
     quality: dict[str, Any] | None = None
-    num_gpus: int | None = None  # set when the run went through the torchrun launcher
+    num_gpus: int | None = None  # set when the run went through the multi-GPU launcher
 
 
 class BenchReport(BaseModel):
@@ -421,7 +421,7 @@ class Bench:
         )
 
     def _quantize_launched(self, trial: Trial, spec: QuantizeSpec) -> RunResult:
-        """Save the model and calibration set, then quantize them with `num_gpus` torchrun ranks."""
+        """Save the model and calibration set, then quantize them with `num_gpus` ranks."""
         from pipeline.backends.distributed import RESERVE_CPU_BYTES, DistributedRequest, RankLaunch, launch_quantize
 
         key, model, samples, seq_len = trial.key, trial.model, trial.samples, trial.seq_len
@@ -443,8 +443,8 @@ class Bench:
             result=str(work / "result.json"),
             reserve_cpu_bytes=RESERVE_CPU_BYTES,
         )
-        with ResourceMonitor() as monitor:  # the tree RSS of torchrun and its ranks
-            result = launch_quantize(request, work / "torchrun.log", RankLaunch(self.num_gpus))
+        with ResourceMonitor() as monitor:  # the tree RSS of the ranks
+            result = launch_quantize(request, work / "ranks.log", RankLaunch(self.num_gpus))
         shutil.rmtree(work, ignore_errors=True)
         quantize_s = result["quantize_s"]
         return RunResult(
@@ -604,7 +604,7 @@ def render_table(report: BenchReport, source: str) -> str:
         cells = [
             report.machine,
             f"{run.method} ({run.scheme}, {calib})",
-            f"{run.mode} ({run.num_gpus} GPU{'s' if run.num_gpus > 1 else ''}, torchrun)" if run.num_gpus else run.mode,
+            f"{run.mode} ({run.num_gpus} GPU{'s' if run.num_gpus > 1 else ''}, launcher)" if run.num_gpus else run.mode,
             describe_settings(run),
             _fmt(run.stages_s["quantize"]),
             f"{speedup / run.stages_s['quantize']:.2f}×" if speedup else "–",

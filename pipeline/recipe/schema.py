@@ -120,7 +120,7 @@ class QuantizeSpec(Strict):
         description="auto: on a CUDA GPU, use the tuned settings of pipeline/backends/tuning.py; off: engine defaults.",
     )
     num_gpus: PositiveInt = Field(
-        1, description="GPUs of this host to calibrate on: >1 launches one torchrun process per GPU (data-parallel)."
+        1, description="GPUs of this host to calibrate on: >1 launches one process per GPU (data-parallel)."
     )
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ def tree_rss_bytes(process: psutil.Process) -> int:
 
 
 class GpuDeviceMemory:
-    """Memory in use on the GPUs as the driver sees it (NVML): every process counts, so the vLLM and torchrun
+    """Memory in use on the GPUs as the driver sees it (NVML): every process counts, so the vLLM and rank
     children a stage starts are measured too, which torch's allocator statistics of this process miss."""
 
     def __init__(self) -> None:
