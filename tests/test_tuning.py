@@ -30,6 +30,7 @@ from pipeline.backends.tuning import (
     oneshot_overrides,
     plan_tuning,
     symmetric_gram,
+    tf32_block_updates,
     tuned_engine,
 )
 from pipeline.bench.synthetic_model import QWEN3_8B, qwen3_config, scaled_shape
@@ -254,6 +255,33 @@ def test_fast_factorization_matches_llmcompressor(monkeypatch: pytest.MonkeyPatc
     assert fallback.tolist() == ref_fallback.tolist() == [False, False, True]
     assert torch.equal(weights, ref_weights) and not weights[:2, :, 5].any()
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tf32_updates_leave_the_factorization_in_fp32() -> None:
+    """The solve runs with TF32 products, the factorization it calls in full fp32; the setting is restored."""
+    seen: list[tuple[str, str]] = []
+
+    def precision() -> str:
+        return torch.backends.cuda.matmul.fp32_precision
+
+    class Recording(FactorCache):
+        def __call__(self, hessian: torch.Tensor) -> torch.Tensor | None:
+            seen.append(("factor", precision()))
+            return super().__call__(hessian)
+
+    factorize = fast_factorize_hessian(Recording())
+
+    def solve(weights: torch.Tensor, hessians: torch.Tensor) -> torch.Tensor:
+        seen.append(("solve", precision()))
+        factors = factorize(weights, hessians, 0.01, torch.zeros(1, dtype=torch.bool))
+        seen.append(("solve", precision()))
+        return factors
+
+    before = precision()
+    x = torch.randn(64, 8)
+    factors = tf32_block_updates(solve)(torch.randn(1, 4, 8), (x.T @ x).unsqueeze(0))
+    assert seen == [("solve", "tf32"), ("factor", "ieee"), ("solve", "tf32")]
+    assert precision() == before and torch.equal(factors, factors.triu())
 
 
 @pytest.mark.parametrize(("n", "leaf"), [(37, 8), (64, 16), (20, 32)])
@@ -559,6 +587,7 @@ def _full_plan(spec: QuantizeSpec) -> TuningPlan:
         fused_attention=True,
         fused_norm=True,
         fast_factorization=gptq,
+        tf32_updates=gptq,
         propagate_error=gptq,
         skip_tail=gptq,
         gram_block=16,

@@ -86,6 +86,13 @@ def llmcompressor_factorization(factorize: Callable[..., Any]) -> Any:
     return swap_attribute(gptq_quantize, "factorize_hessian", factorize, LLMCOMPRESSOR)
 
 
+def llmcompressor_quantize_weight(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """GPTQ's per-batch solve (`quantize_weight`, as the modifier imported it) replaced by `wrap(original)`."""
+    from llmcompressor.modifiers.gptq import base
+
+    return swap_attribute(base, "quantize_weight", wrap(base.quantize_weight), LLMCOMPRESSOR)
+
+
 def llmcompressor_awq_samples(run_samples: Callable[..., Any]) -> Any:
     """AWQ's `_run_samples` (the parent module's forward over every cached batch, run once per grid point of its
     scale search) replaced by `run_samples(modifier, module)`."""

@@ -31,6 +31,9 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
   llm-compressor's two factorizations and an inversion (the factor is the same, and closer to fp64), once per
   distinct Hessian (q/k/v and gate/up share theirs): that was about 8 of the 13 s of GPTQ's solves for the 8B
   shape on an H200, and is 2.5 s now;
+* runs the fp32 products of GPTQ's blockwise updates (each 128-column block's error times the next columns of
+  the inverse factor) on TF32 tensor cores (``tf32_updates``) instead of fp32 CUDA cores. The factorization
+  itself stays in full fp32;
 * skips the sequential pipeline's propagation pass (``propagate_error=False``) unless the method is GPTQ. That
   pass re-runs each layer after its epoch so the next layer sees the compressed layer's outputs, but
   quantization stays disabled while calibrating and only GPTQ writes quantized weights then: after AWQ's
@@ -90,6 +93,7 @@ class TuningPlan(BaseModel):
     fused_norm: bool = False
     awq_search_stride: int = 1
     fast_factorization: bool = False
+    tf32_updates: bool = False
     propagate_error: bool = True
     skip_tail: bool = False
     gram_block: int = GRAM_BLOCK
@@ -243,6 +247,7 @@ def plan_tuning(
         fused_norm=True,
         awq_search_stride=max(1, sum(lengths) // search_tokens) if spec.method == "awq" else 1,
         fast_factorization=spec.method == "gptq",
+        tf32_updates=spec.method == "gptq",
         propagate_error=spec.method == "gptq",
         skip_tail=spec.method == "gptq" and not static_activations,
         free_gib=round(free_bytes / GIB, 1),
@@ -409,7 +414,8 @@ def fast_factorize_hessian(cache: FactorCache) -> Callable[..., torch.Tensor]:
             weights.masked_fill_(dead.unsqueeze(1), 0)
         diag.add_(percdamp * diag.mean(dim=-1, keepdim=True))
         for index in range(hessians.shape[0]):
-            factor = cache(hessians[index])
+            with matmul_precision("ieee"):  # also inside `tf32_block_updates`
+                factor = cache(hessians[index])
             if factor is None:
                 hessians[index] = torch.eye(hessians.shape[-1], dtype=hessians.dtype, device=hessians.device)
                 used_rtn_fallback[index] = True
@@ -418,6 +424,30 @@ def fast_factorize_hessian(cache: FactorCache) -> Callable[..., torch.Tensor]:
         return hessians
 
     return factorize
+
+
+@contextmanager
+def matmul_precision(mode: str) -> Iterator[None]:
+    """torch's precision for fp32 matrix products on CUDA ("ieee" or "tf32") for the block, then the previous."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = mode
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def tf32_block_updates(quantize_weight: Callable[..., Any]) -> Callable[..., Any]:
+    """llm-compressor's `quantize_weight` with its fp32 products on TF32: the blockwise updates
+    W[:, i2:] -= Err·H⁻¹[i1:i2, i2:] carry a block's rounding error into the columns still to be quantized, a
+    correction that the 4-bit rounding of those columns then absorbs. The factorization (called inside) keeps
+    fp32 (`fast_factorize_hessian`)."""
+
+    def quantize(*args: Any, **kwargs: Any) -> Any:
+        with matmul_precision("tf32"):
+            return quantize_weight(*args, **kwargs)
+
+    return quantize
 
 
 def strided_awq_samples(stride: int) -> Callable[[Any, torch.nn.Module], list[torch.Tensor]]:
@@ -594,6 +624,8 @@ def tuned_engine(plan: TuningPlan, model: torch.nn.Module) -> Iterator[None]:
             factors = FactorCache()
             stack.callback(factors.clear)
             stack.enter_context(patches.llmcompressor_factorization(fast_factorize_hessian(factors)))
+            if plan.tf32_updates:  # only beside the factorization above, which keeps its own products in fp32
+                stack.enter_context(patches.llmcompressor_quantize_weight(tf32_block_updates))
         if plan.enabled and plan.awq_search_stride > 1:
             stack.enter_context(patches.llmcompressor_awq_samples(strided_awq_samples(plan.awq_search_stride)))
         if plan.enabled and plan.skip_tail and plan.propagate_error:

@@ -96,6 +96,7 @@ class Mode(BaseModel):
 ON_OFF_OPTIONS = {
     "hessian": "fast_hessian",
     "factor": "fast_factorization",
+    "tf32": "tf32_updates",
     "propagate": "propagate_error",
     "tail": "skip_tail",
     "norm": "fused_norm",
@@ -566,6 +567,8 @@ def describe_settings(run: RunResult) -> str:
         strips = f" in {plan['gram_block']}-column strips" if "gram_block" in plan else ""
         parts.append(f"hessian bf16{strips}" if plan.get("fast_hessian") else "hessian fp32")
         parts.append("factor flip, shared" if plan.get("fast_factorization") else "factor llm-compressor")
+        if plan.get("tf32_updates") and plan.get("fast_factorization"):
+            parts.append("updates tf32")
     if not plan.get("propagate_error", True):
         parts.append("no propagation pass")
     elif plan.get("skip_tail"):
