@@ -515,6 +515,67 @@ def test_parallel_compression_mis_sizes_asymmetric_zero_points_upstream(tmp_path
     assert unpacked, "every rank got packed zero points: upstream fixed the split compression"
 
 
+def test_every_rank_writes_every_nth_shard() -> None:
+    from pipeline.backends.llmcompressor_backend import shard_of_rank
+
+    names = [f"model-{k:05d}-of-00005.safetensors" for k in range(1, 6)]
+    assert [[shard_of_rank(n, rank, 2) for n in names] for rank in (0, 1)] == [
+        [True, False, True, False, True],
+        [False, True, False, True, False],
+    ]
+    assert shard_of_rank("model.safetensors", 0, 2) and not shard_of_rank("model.safetensors", 1, 2)
+
+
+def _quantized_tiny_model(model_dir: str) -> Any:
+    """The tiny model after a data-free W4A16 `oneshot` (deterministic), not yet compressed."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])])
+    return model
+
+
+def _save_share_on_rank(rank: int, port: int, model_dir: str, out: str) -> None:
+    """One gloo rank holding a whole replica of the quantized tiny model: the collective split save."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from pipeline.backends.llmcompressor_backend import save_compressed
+
+    model = _quantized_tiny_model(model_dir)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+    save_compressed(model, Path(out), replica=True, max_shard_size="100KB")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.e2e  # two spawned gloo ranks (~30 s)
+def test_ranks_holding_replicas_write_the_single_process_files(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Each rank writes every other shard and rank 0 the rest; the folder is the one-process save, byte for
+    byte (several shards: the tiny model at 100 KB per shard)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pipeline.backends.llmcompressor_backend import save_compressed
+
+    single, split = tmp_path / "single", tmp_path / "split"
+    save_compressed(_quantized_tiny_model(str(tiny_model_dir)), single, max_shard_size="100KB")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(
+        _save_share_on_rank, args=(port, str(tiny_model_dir), str(split)), nprocs=2, start_method="spawn"
+    )
+    files = {p.name: p.read_bytes() for p in single.iterdir()}
+    assert sum(name.endswith(".safetensors") for name in files) >= 3
+    assert {p.name: p.read_bytes() for p in split.iterdir()} == files
+
+
 def test_bench_num_gpus_option_and_its_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.bench.benchmark import run_bench
     from pipeline.cli import build_parser

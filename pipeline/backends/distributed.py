@@ -37,7 +37,7 @@ from pipeline.paths import import_root
 from pipeline.recipe.schema import QuantizeSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import write_text_atomic
-from pipeline.run.processes import kill_process_group
+from pipeline.run.processes import kill_process_groups
 
 WORKER_MODULE = "pipeline.backends.dist_worker"
 # NVLink multicast (NVLS) off: NCCL's NVLS setup fails or hangs on hosts/containers that do not expose it.
@@ -209,8 +209,7 @@ class RankLaunch:
     def stop(self, log_file: Path | None = None) -> None:
         """Kill every rank still running (and all it spawned) and remove the temporary files (the log copied to
         `log_file` first). Safe to call again."""
-        for proc in self.procs:
-            kill_process_group(proc)
+        kill_process_groups(self.procs)
         if log_file is not None and self.log_file.is_file():
             log_file.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.log_file, log_file)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import tempfile
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from pipeline.recipe.schema import QuantizeSpec
 # that the export stage hashes side by side (one 6 GB file took 5 s to hash on an H200 host) and loaders read
 # in parallel.
 SHARD_SIZE = "2GB"
+SHARD_NAME = re.compile(r"-(\d{5})-of-\d{5}\.safetensors$")  # transformers' shard files: model-00002-of-00004
 
 
 def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
@@ -84,17 +88,67 @@ def gpu_resident(model: Any) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
-def save_compressed(model: Any, out_dir: Path) -> dict[str, float]:
-    """llm-compressor's compressed save (a collective one in a distributed run: every rank calls it, rank 0
-    writes). A GPU-resident model is compressed first, on its own (see `pipeline.backends.dist_worker` for why
-    ranks must); returns that step's seconds as `compress_s`, nothing when it did not run."""
+def shard_of_rank(filename: str, rank: int, world_size: int) -> bool:
+    """Whether `rank` writes this shard: shard k of a sharded save goes to rank (k - 1) mod N, so every rank
+    copies and writes about 1/N of the model; an unsharded file goes to rank 0."""
+    match = SHARD_NAME.search(filename)
+    return (int(match.group(1)) - 1) % world_size == rank if match else rank == 0
+
+
+def rank_shard_writer(write: Callable[..., Any], rank: int, world_size: int, out_dir: Path) -> Callable[..., Any]:
+    """A stand-in for safetensors' `save_file` that writes only this rank's shards, into `out_dir` (ranks other
+    than 0 run transformers' save in a scratch folder, whose other files are dropped)."""
+
+    def save_file(tensors: dict[str, Any], filename: str, metadata: dict[str, str] | None = None) -> None:
+        name = Path(filename).name
+        if shard_of_rank(name, rank, world_size):
+            write(tensors, str(out_dir / name), metadata=metadata)
+
+    return save_file
+
+
+def _rank_and_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def save_compressed(
+    model: Any, out_dir: Path, *, replica: bool | None = None, max_shard_size: str = SHARD_SIZE
+) -> dict[str, float]:
+    """llm-compressor's compressed save (a collective one in a distributed run: every rank calls it).
+
+    `replica` (default: the model is GPU-resident) says this process holds the whole model in memory of its own,
+    as each rank of a GPU-resident run does. Such a model is compressed first, on its own (see
+    `pipeline.backends.dist_worker` for why ranks must; `compress_s` is that step), and in a process group every
+    rank then writes its share of the shards (`shard_of_rank`), rank 0 the rest of the folder: copying tensors
+    into new host memory is most of a save, and it runs at about 1.4 GB/s per process on the H200 hosts (faster
+    across processes, not across threads: docs/BENCHMARKS.md)."""
     parts: dict[str, float] = {}
-    if gpu_resident(model):
+    replica = gpu_resident(model) if replica is None else replica
+    if replica:
         started = time.perf_counter()
         compress_in_place(model)
         parts["compress_s"] = round(time.perf_counter() - started, 2)
-    model.save_pretrained(str(out_dir), save_compressed=True, max_shard_size=SHARD_SIZE)
+    rank, world_size = _rank_and_size()
+    if replica and world_size > 1:
+        _save_rank_share(model, out_dir, rank, world_size, max_shard_size)
+    else:  # in a process group every rank calls it and llm-compressor writes on rank 0
+        model.save_pretrained(str(out_dir), save_compressed=True, max_shard_size=max_shard_size)
     return parts
+
+
+def _save_rank_share(model: Any, out_dir: Path, rank: int, world_size: int, max_shard_size: str) -> None:
+    """This rank's shards into `out_dir`, and on rank 0 the rest of the folder; rank 0 alone writes all when
+    the shard split does not apply to this transformers."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = rank_shard_writer(save_file, rank, world_size, out_dir)
+    with patches.shards_on_every_rank(writer) as split, tempfile.TemporaryDirectory() as scratch:
+        # ranks other than 0 save into a scratch folder: only their shards go to `out_dir`
+        target = scratch if split and rank > 0 else str(out_dir)
+        model.save_pretrained(target, save_compressed=True, max_shard_size=max_shard_size)
 
 
 class Backend:

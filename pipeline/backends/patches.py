@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from collections.abc import Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,33 @@ def transformers_eager_attention(function: Callable[..., Any]) -> Any:
 def transformers_norm_forward(cls: type, forward: Callable[..., Any]) -> Any:
     """A transformers RMSNorm class's `forward` replaced by `forward`."""
     return swap_attribute(cls, "forward", forward, TRANSFORMERS)
+
+
+@contextmanager
+def shards_on_every_rank(write: Callable[..., Any]) -> Iterator[bool]:
+    """llm-compressor's compressed save, and the transformers save inside it, writing on every rank of a process
+    group (both write on rank 0 only), each shard through `write(tensors, filename, metadata=...)` instead of
+    safetensors' `save_file`, which `write` may skip. Yields whether all three swaps apply: with some alone a
+    rank would write nothing, or every rank all."""
+    from llmcompressor.transformers.compression import compressed_tensors_utils
+    from transformers import modeling_utils
+    from transformers.distributed.mixin import DistributedMixin
+
+    swaps = [
+        (modeling_utils, "safe_save_file", write, TRANSFORMERS),
+        (DistributedMixin, "should_save_on_this_rank", lambda self, is_main_process: is_main_process, TRANSFORMERS),
+        (compressed_tensors_utils, "is_source_process", lambda: True, LLMCOMPRESSOR),
+    ]
+    what = "the shard writes on every rank"
+    if not all(hasattr(owner, name) for owner, name, _, _ in swaps) or not all(
+        written_for(library, what) for library in (TRANSFORMERS, LLMCOMPRESSOR)
+    ):
+        yield False
+        return
+    with ExitStack() as stack:
+        for owner, name, value, library in swaps:
+            stack.enter_context(swap_attribute(owner, name, value, library))
+        yield True
 
 
 def gptqmodel_log_dir(path: Path) -> Any:

@@ -52,6 +52,18 @@ def kill_process_group(proc: subprocess.Popen, grace_s: float = 0) -> None:
             continue
 
 
+def kill_process_groups(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL the process groups of several children started with `start_new_session=True`, then reap them:
+    their teardowns (a GPU context each, for the ranks of a multi-GPU stage) overlap instead of queueing."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    for proc in procs:
+        proc.wait()
+
+
 def run_json_child(
     command: list[str],
     request: dict[str, Any],
