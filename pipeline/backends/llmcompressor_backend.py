@@ -114,7 +114,7 @@ def _rank_and_size() -> tuple[int, int]:
 
 
 def save_compressed(
-    model: Any, out_dir: Path, *, replica: bool | None = None, max_shard_size: str = SHARD_SIZE
+    model: Any, out_dir: Path, *, replica: bool | None = None, max_shard_size: str | None = None
 ) -> dict[str, float]:
     """llm-compressor's compressed save (a collective one in a distributed run: every rank calls it).
 
@@ -123,8 +123,9 @@ def save_compressed(
     `pipeline.backends.dist_worker` for why ranks must; `compress_s` is that step), and in a process group every
     rank then writes its share of the shards (`shard_of_rank`), rank 0 the rest of the folder: copying tensors
     into new host memory is most of a save, and it runs at about 1.4 GB/s per process on the H200 hosts (faster
-    across processes, not across threads: docs/BENCHMARKS.md)."""
+    across processes, not across threads: docs/BENCHMARKS.md). `max_shard_size`: `SHARD_SIZE` by default."""
     parts: dict[str, float] = {}
+    max_shard_size = max_shard_size or SHARD_SIZE
     replica = gpu_resident(model) if replica is None else replica
     if replica:
         started = time.perf_counter()
