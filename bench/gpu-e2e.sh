@@ -36,7 +36,7 @@ export QPIPE_CACHE=$ROOT/cache QPIPE_VLLM_ENV=$ROOT/vllm-env
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export NCCL_NVLS_ENABLE=0
 # The wheels go in with --no-compile and the image's packages may lack bytecode: without a writable cache every
-# process (and every torchrun rank) would compile its imports again, which an installed environment never does
+# process (and every quantize rank) would compile its imports again, which an installed environment never does
 WAS_DONTWRITE=${PYTHONDONTWRITEBYTECODE:-}
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=$ROOT/pycache

@@ -602,4 +602,4 @@ def test_bench_runs_gptq_through_the_launcher(tmp_path: Path, monkeypatch: pytes
     (run,) = report.runs
     assert run.num_gpus == 2 and run.mode == "default" and set(run.stages_s) == {"build", "save", "quantize", "launch"}
     assert 0 < run.stages_s["quantize"] < run.stages_s["launch"]
-    assert "| default (2 GPUs, launcher) |" in render_table(report, "x.json")
+    assert "| default (2 GPUs, launched) |" in render_table(report, "x.json")

@@ -607,7 +607,7 @@ def render_table(report: BenchReport, source: str) -> str:
         cells = [
             report.machine,
             f"{run.method} ({run.scheme}, {calib})",
-            f"{run.mode} ({run.num_gpus} GPU{'s' if run.num_gpus > 1 else ''}, launcher)" if run.num_gpus else run.mode,
+            f"{run.mode} ({run.num_gpus} GPU{'s' if run.num_gpus > 1 else ''}, launched)" if run.num_gpus else run.mode,
             describe_settings(run),
             _fmt(run.stages_s["quantize"]),
             f"{speedup / run.stages_s['quantize']:.2f}×" if speedup else "–",
