@@ -20,6 +20,7 @@ from pipeline.backends.tuning import (
     placement_for,
     plan_tuning,
     tuned_engine,
+    world_size,
 )
 from pipeline.recipe.schema import QuantizeSpec
 
@@ -107,12 +108,6 @@ def rank_shard_writer(write: Callable[..., Any], rank: int, world_size: int, out
     return save_file
 
 
-def _rank_and_size() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
 def save_compressed(
     model: Any, out_dir: Path, *, replica: bool | None = None, max_shard_size: str | None = None
 ) -> dict[str, float]:
@@ -131,9 +126,9 @@ def save_compressed(
         started = time.perf_counter()
         compress_in_place(model)
         parts["compress_s"] = round(time.perf_counter() - started, 2)
-    rank, world_size = _rank_and_size()
-    if replica and world_size > 1:
-        _save_rank_share(model, out_dir, rank, world_size, max_shard_size)
+    ranks = world_size()
+    if replica and ranks > 1:
+        _save_rank_share(model, out_dir, torch.distributed.get_rank(), ranks, max_shard_size)
     else:  # in a process group every rank calls it and llm-compressor writes on rank 0
         model.save_pretrained(str(out_dir), save_compressed=True, max_shard_size=max_shard_size)
     return parts

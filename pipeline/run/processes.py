@@ -37,8 +37,8 @@ def run_bounded(command: list[str], log_file: Path, timeout_s: float, env: dict[
 
 
 def kill_process_group(proc: subprocess.Popen, grace_s: float = 0) -> None:
-    """End a child started with `start_new_session=True` and all it spawned (vLLM's engine core, a rank's
-    helpers): SIGTERM first when `grace_s` > 0 lets it shut down cleanly, SIGKILL if it lingers."""
+    """End a child started with `start_new_session=True` and all it spawned (vLLM's engine core): SIGTERM
+    first when `grace_s` > 0 lets it shut down cleanly, SIGKILL if it lingers."""
     signals = ((signal.SIGTERM, grace_s),) if grace_s > 0 else ()
     for sig, wait_s in (*signals, (signal.SIGKILL, None)):
         try:
