@@ -172,10 +172,12 @@ def _request(tmp_path: Path) -> DistributedRequest:
 def test_a_failing_rank_or_a_timeout_stops_every_rank(tmp_path: Path) -> None:
     """A rank that dies leaves the others waiting in a collective forever: the stage stops them all."""
     pid_file = tmp_path / "rank0.pid"
-    rank_1_fails = (
-        "import os, pathlib, time; rank = os.environ['RANK']\n"
-        "if rank == '1': time.sleep(0.5); raise SystemExit(3)\n"
-        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    rank_1_fails = (  # once rank 0 is up (it records its pid), rank 1 exits 3
+        f"import os, pathlib, time; pid = pathlib.Path({str(pid_file)!r})\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    while not pid.exists(): time.sleep(0.05)\n"
+        "    raise SystemExit(3)\n"
+        "tmp = pid.with_suffix('.tmp'); tmp.write_text(str(os.getpid())); os.replace(tmp, pid); time.sleep(60)"
     )
     failing = LaunchPlan(argv=[sys.executable, "-c", rank_1_fails], env={}, world_size=2)
     launch = RankLaunch(2, plan=failing)
