@@ -207,16 +207,18 @@ def test_ranks_that_exit_without_a_result_fail_the_stage(tmp_path: Path) -> None
 def test_the_stage_stops_the_ranks_once_rank_0_wrote_its_result(tmp_path: Path) -> None:
     """What is left of the ranks after the result (process group teardown, exit) is not waited for."""
     request = _request(tmp_path)
-    pid_file = tmp_path / "rank.pid"
-    lingering = (
-        "import os, pathlib, time; "
-        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); "
-        f"pathlib.Path({request.result!r}).write_text('{{}}'); time.sleep(60)"
+    lingering = (  # each rank records its pid (atomically), rank 0 then writes the result, and both linger
+        "import os, pathlib, time; rank = os.environ['RANK']\n"
+        f"pid = pathlib.Path({str(tmp_path)!r}, f'rank{{rank}}.pid')\n"
+        "tmp = pid.with_suffix('.tmp'); tmp.write_text(str(os.getpid())); os.replace(tmp, pid)\n"
+        f"if rank == '0': pathlib.Path({request.result!r}).write_text('{{}}')\n"
+        "time.sleep(60)"
     )
     plan = LaunchPlan(argv=[sys.executable, "-c", lingering], env={}, world_size=2)
     timings = RankLaunch(2, plan=plan).run(request, tmp_path / "ranks.log", timeout_s=30)
-    assert timings["launch_s"] < 20
-    _assert_dies(int(pid_file.read_text()))
+    assert timings["launch_s"] < 20 and (tmp_path / "rank0.pid").is_file()
+    for pid_file in tmp_path.glob("rank*.pid"):  # rank 1 may not have got as far before the stop
+        _assert_dies(int(pid_file.read_text()))
 
 
 def _assert_dies(pid: int) -> None:
