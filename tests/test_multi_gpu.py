@@ -31,6 +31,7 @@ from pipeline.errors import PipelineError, StageFailed
 from pipeline.paths import import_root
 from pipeline.recipe.load import build_recipe, load_recipe
 from pipeline.recipe.schema import EvalSpec, QuantizeSpec, SmokeSpec
+from pipeline.run.processes import free_port
 
 TINY = [
     "calibrate.dataset=calibration/demo-calibration.jsonl",
@@ -482,13 +483,9 @@ def _compress_on_rank(rank: int, port: int, out: str, local_first: bool) -> None
 
 
 def _zero_points_after_save(tmp_path: Path, local_first: bool) -> list[Any]:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     # spawn, not fork: a rank forked from a pytest process that already ran torch inherits its thread pools'
     # locks and hung in the full suite
     mp.start_processes(_compress_on_rank, args=(port, str(tmp_path), local_first), nprocs=2, start_method="spawn")
@@ -561,17 +558,13 @@ def _save_share_on_rank(rank: int, port: int, model_dir: str, out: str) -> None:
 def test_ranks_holding_replicas_write_the_single_process_files(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Each rank writes every other shard and rank 0 the rest; the folder is the one-process save, byte for
     byte (several shards: the tiny model at 100 KB per shard)."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from pipeline.backends.llmcompressor_backend import save_compressed
 
     single, split = tmp_path / "single", tmp_path / "split"
     save_compressed(_quantized_tiny_model(str(tiny_model_dir)), single, max_shard_size="100KB")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     mp.start_processes(
         _save_share_on_rank, args=(port, str(tiny_model_dir), str(split)), nprocs=2, start_method="spawn"
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pipeline.paths import import_root
 from pipeline.recipe.schema import QuantizeSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import write_text_atomic
-from pipeline.run.processes import kill_process_groups
+from pipeline.run.processes import free_port, kill_process_groups
 
 WORKER_MODULE = "pipeline.backends.dist_worker"
 # NVLink multicast (NVLS) off: NCCL's NVLS setup fails or hangs on hosts/containers that do not expose it.
@@ -109,13 +108,6 @@ class LaunchPlan(BaseModel):
 
     def rank_env(self, rank: int) -> dict[str, str]:
         return {**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-
-
-def free_port() -> int:
-    """A TCP port free on this host now, for rank 0's rendezvous store (as torchrun --standalone picks one)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def launch_plan(request_file: Path, num_gpus: int, cpu_count: int | None = None, port: int | None = None) -> LaunchPlan:

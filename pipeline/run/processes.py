@@ -9,12 +9,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StageFailed
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a child's server: `vllm serve`, rank 0's rendezvous store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def start_in_session(command: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

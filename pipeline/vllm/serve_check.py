@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,18 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.recipe.schema import SmokeSpec
-from pipeline.run.processes import kill_process_group, run_json_child, start_in_session
+from pipeline.run.processes import free_port, kill_process_group, run_json_child, start_in_session
 
 CLIENT = Path(__file__).with_name("client.py")  # run by file path in the vLLM environment (stdlib + openai)
 
 POLL_S = 1.0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_command(
