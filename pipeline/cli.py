@@ -34,6 +34,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser, output: bool = True, sever
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.backends import patches
     from pipeline.backends.distributed import prestarted_ranks
     from pipeline.recipe.load import load_recipe
     from pipeline.run.summary import print_summary
@@ -42,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe, path = load_recipe(args.recipe, args.overrides, args.model)
     steps = parse_steps(args.steps)
+    patches.transformers_without_sklearn()
     with prestarted_ranks(recipe, steps) as ranks:  # several GPUs: their start overlaps validating and calibrating
         validate_recipe(recipe, args.output)
         ctx = run_pipeline(recipe, path, steps, force=args.force, output=args.output, ranks=ranks)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,13 +34,14 @@ from pipeline.backends.tuning import (
     symmetric_gram,
     tf32_block_updates,
     tuned_engine,
+    width_groups,
 )
 from pipeline.bench.synthetic_model import QWEN3_8B, qwen3_config, scaled_shape
 from pipeline.recipe.schema import QuantizeSpec
 
 GPTQ = QuantizeSpec(method="gptq", scheme="W4A16")
 AWQ = QuantizeSpec(method="awq", scheme="W4A16_ASYM")
-MODEL_8B = SimpleNamespace(config=qwen3_config(QWEN3_8B))
+MODEL_8B = SimpleNamespace(config=qwen3_config(QWEN3_8B), parameters=list, buffers=list)  # weights not loaded
 
 
 @pytest.fixture
@@ -117,6 +120,18 @@ def test_strided_awq_samples_runs_every_stride_th_batch() -> None:
         outputs = AWQModifier._run_samples(modifier, parent)
     assert [float(output) for output in outputs] == [0.0, 3.0, 6.0]
     assert AWQModifier._run_samples is original
+
+
+def test_plan_solves_side_by_side_only_for_a_model_on_the_gpu(fake_gpu: None) -> None:
+    """Concurrent solves need every weight on the GPU; they replace TF32 updates (one process-wide precision)."""
+    on_gpu = SimpleNamespace(config=MODEL_8B.config, parameters=lambda: [SimpleNamespace(is_cuda=True)], buffers=list)
+    resident = plan_tuning(on_gpu, [2048] * 128, GPTQ, free_bytes=63 * GIB)
+    hosted = plan_tuning(MODEL_8B, [2048] * 128, GPTQ, free_bytes=63 * GIB)
+    assert (resident.concurrent_solves, resident.tf32_updates) == (True, False)
+    assert (hosted.concurrent_solves, hosted.tf32_updates) == (False, True)
+    assert not plan_tuning(on_gpu, [512] * 128, AWQ, free_bytes=63 * GIB).concurrent_solves
+    with pytest.raises(ValueError, match="choose one"):
+        resident.model_validate({**resident.model_dump(), "tf32_updates": True})
 
 
 def test_plan_shrinks_to_fit_small_memory(fake_gpu: None) -> None:
@@ -293,6 +308,21 @@ def test_lower_inverse_by_halves(n: int, leaf: int) -> None:
     inverse = lower_inverse(lower, leaf)
     assert torch.equal(inverse, inverse.tril())
     torch.testing.assert_close(inverse @ lower, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_factor_cache_reuses_only_the_calling_threads_factors() -> None:
+    """A factor computed in another thread (on another CUDA stream, under `concurrent_solves`) is not reused."""
+    cache, hessian = FactorCache(), torch.eye(4) * 2
+    with ThreadPoolExecutor(1) as pool:
+        theirs = pool.submit(cache, hessian).result()
+    mine = cache(hessian)
+    assert mine is not theirs and cache(hessian.clone()) is mine
+    torch.testing.assert_close(mine, theirs)
+
+
+def test_width_groups_keep_the_order_within_each_width() -> None:
+    modules = [torch.nn.Linear(i, 2) for i in (4, 4, 8, 4, 8)]
+    assert width_groups(modules) == [[modules[0], modules[1], modules[3]], [modules[2], modules[4]]]
 
 
 def test_factor_cache_keeps_the_last_two_hessians() -> None:
@@ -506,6 +536,34 @@ def test_compressing_first_writes_the_same_files(monkeypatch: pytest.MonkeyPatch
     assert set(parts) == {"compress_s"}
     files = {p.name: p.read_bytes() for p in (tmp_path / "own").iterdir()}
     assert len(files) > 3 and files == {p.name: p.read_bytes() for p in (tmp_path / "copy").iterdir()}
+
+
+def test_concurrent_solves_give_the_weights_of_solves_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a real `oneshot`: every layer's modules are solved in one thread per input width (two here), every
+    module once, and the weights are those of the solves in turn (but for a weight on a rounding boundary, where
+    a BLAS called from another thread summed in another order)."""
+    from llmcompressor.modifiers.gptq.base import GPTQModifier
+
+    calls: list[tuple[str, int]] = []
+    compress = GPTQModifier.compress_module_list
+
+    def recorded(modifier: Any, modules: list[torch.nn.Module]) -> None:
+        calls.extend((threading.current_thread().name, m.weight.shape[-1]) for m in modules)
+        compress(modifier, modules)
+
+    monkeypatch.setattr(GPTQModifier, "compress_module_list", recorded)
+    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True, fast_factorization=True)
+    in_turn = _tiny_run(GPTQ, plan, torch.float32, layers=2)
+    assert {thread for thread, _ in calls} == {threading.main_thread().name}
+    modules = len(calls)
+    calls.clear()
+    side_by_side = _tiny_run(GPTQ, plan.model_copy(update={"concurrent_solves": True}), torch.float32, layers=2)
+    threads = {width: {thread for thread, w in calls if w == width} for _, width in calls}
+    assert len(calls) == modules and len(threads) == 2
+    assert all(threading.main_thread().name not in names for names in threads.values())
+    kl_in_turn, kl_side_by_side, equal = _compare(in_turn, side_by_side)
+    assert equal >= 0.999
+    assert abs(kl_side_by_side - kl_in_turn) <= 0.01 * kl_in_turn
 
 
 def _counted_runs(

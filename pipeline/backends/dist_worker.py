@@ -30,6 +30,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from pipeline.backends import patches
 from pipeline.backends.distributed import PARENT_PID_ENV, POLL_S, DistributedRequest, rank_slice
 from pipeline.backends.tuning import Placement, placement_for
 from pipeline.run.files import write_text_atomic
@@ -60,6 +61,7 @@ def process_created() -> float:
 
 def preload() -> None:
     """Import what `run` uses before the request comes, while the parent still validates and calibrates."""
+    patches.transformers_without_sklearn()
     import datasets  # noqa: F401
     import llmcompressor  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401

@@ -16,6 +16,7 @@ from pipeline.backends import patches
 from pipeline.backends.tuning import (
     Placement,
     TuningPlan,
+    gpu_resident,
     oneshot_overrides,
     placement_for,
     plan_tuning,
@@ -81,12 +82,6 @@ def compress_in_place(model: Any) -> None:
 
     with as_single_threaded():
         ModelCompressor.from_pretrained_model(model).compress_model(model, skip_compressed=True)
-
-
-def gpu_resident(model: Any) -> bool:
-    """Whether every parameter and buffer is on a GPU (none offloaded to the host or to disk)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
 def shard_of_rank(filename: str, rank: int, world_size: int) -> bool:

@@ -70,6 +70,23 @@ def swap_item(mapping: MutableMapping[str, Any], key: str, value: Any, library: 
             mapping[key] = original
 
 
+def transformers_without_sklearn() -> None:
+    """For the rest of the process, transformers sees scikit-learn as absent. Its generation module, which every
+    model class imports, imports scikit-learn's metrics (about 1 s; installed for lm-eval) for one use: assisted
+    decoding's confidence threshold, which qpipe never runs in its own processes. Call it before transformers
+    imports a model class."""
+    import transformers.utils
+    from transformers.utils import import_utils
+
+    if not written_for(TRANSFORMERS, "skipping scikit-learn's import"):
+        return
+    transformers.utils.is_sklearn_available = import_utils.is_sklearn_available = _absent
+
+
+def _absent() -> bool:
+    return False
+
+
 def llmcompressor_hessian(accumulate: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
     """GPTQ's Hessian accumulation (`llmcompressor.modifiers.gptq.base.accumulate_hessian`) replaced by
     `accumulate(original)`."""
@@ -91,6 +108,14 @@ def llmcompressor_quantize_weight(wrap: Callable[[Callable[..., Any]], Callable[
     from llmcompressor.modifiers.gptq import base
 
     return swap_attribute(base, "quantize_weight", wrap(base.quantize_weight), LLMCOMPRESSOR)
+
+
+def llmcompressor_compress_modules(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """GPTQ's solve of a layer's calibrated modules (`GPTQModifier.compress_module_list(modifier, modules)`)
+    replaced by `wrap(original)`."""
+    from llmcompressor.modifiers.gptq.base import GPTQModifier
+
+    return swap_attribute(GPTQModifier, "compress_module_list", wrap(GPTQModifier.compress_module_list), LLMCOMPRESSOR)
 
 
 def llmcompressor_awq_samples(run_samples: Callable[..., Any]) -> Any:

@@ -31,9 +31,13 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
   llm-compressor's two factorizations and an inversion (the factor is the same, and closer to fp64), once per
   distinct Hessian (q/k/v and gate/up share theirs): that was about 8 of the 13 s of GPTQ's solves for the 8B
   shape on an H200, and is 2.5 s now;
-* runs the fp32 products of GPTQ's blockwise updates (each 128-column block's error times the next columns of
-  the inverse factor) on TF32 tensor cores (``tf32_updates``) instead of fp32 CUDA cores. The factorization
-  itself stays in full fp32;
+* solves GPTQ's modules of different input widths side by side (``concurrent_solves``, when the whole model is on
+  the GPU): each group in a thread and on a CUDA stream of its own, q/k/v/o and gate/up beside down_proj on the 8B
+  shape. llm-compressor's blockwise kernel walks one column at a time over a few hundred thread blocks, so one
+  module's solve leaves most of the GPU idle; each group computes what it would in turn;
+* otherwise runs the fp32 products of GPTQ's blockwise updates (each 128-column block's error times the next
+  columns of the inverse factor) on TF32 tensor cores (``tf32_updates``) instead of fp32 CUDA cores. The
+  factorization itself stays in full fp32. The two exclude each other: the precision switch is process-wide;
 * skips the sequential pipeline's propagation pass (``propagate_error=False``) unless the method is GPTQ. That
   pass re-runs each layer after its epoch so the next layer sees the compressed layer's outputs, but
   quantization stays disabled while calibrating and only GPTQ writes quantized weights then: after AWQ's
@@ -52,15 +56,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.backends import patches
 from pipeline.formats import SCHEMES
@@ -94,11 +100,21 @@ class TuningPlan(BaseModel):
     awq_search_stride: int = 1
     fast_factorization: bool = False
     tf32_updates: bool = False
+    concurrent_solves: bool = False
     propagate_error: bool = True
     skip_tail: bool = False
     gram_block: int = GRAM_BLOCK
     free_gib: float | None = None
     estimated_gib: float | None = None
+
+    @model_validator(mode="after")
+    def _one_matmul_precision(self) -> TuningPlan:
+        if self.tf32_updates and self.concurrent_solves:
+            raise ValueError(
+                "tf32_updates switches torch's process-wide matmul precision, which concurrent_solves's "
+                "threads share: choose one"
+            )
+        return self
 
 
 def disabled(reason: str) -> TuningPlan:
@@ -188,6 +204,12 @@ def placement_for(path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code:
     return model_placement(config, loaded_weight_bytes(path, config, dtype), spec)
 
 
+def gpu_resident(model: Any) -> bool:
+    """Whether every parameter and buffer is on a GPU (none offloaded to the host or to disk)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return bool(tensors) and all(t.is_cuda for t in tensors)
+
+
 def world_size() -> int:
     """Ranks of the initialized process group (1 outside a distributed run)."""
     import torch.distributed as dist
@@ -234,6 +256,7 @@ def plan_tuning(
         return fixed + batch_size * seq_len * per_token + (cache if on_gpu_cache else 0)
 
     on_gpu_cache = needed(batch, True) <= budget
+    concurrent = spec.method == "gptq" and gpu_resident(model)
     while batch > 1 and needed(batch, on_gpu_cache) > budget:
         batch //= 2
     return TuningPlan(
@@ -247,7 +270,8 @@ def plan_tuning(
         fused_norm=True,
         awq_search_stride=max(1, sum(lengths) // search_tokens) if spec.method == "awq" else 1,
         fast_factorization=spec.method == "gptq",
-        tf32_updates=spec.method == "gptq",
+        tf32_updates=spec.method == "gptq" and not concurrent,
+        concurrent_solves=concurrent,
         propagate_error=spec.method == "gptq",
         skip_tail=spec.method == "gptq" and not static_activations,
         free_gib=round(free_bytes / GIB, 1),
@@ -379,12 +403,20 @@ def upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor | None:
 class FactorCache:
     """The factors of the last `size` damped Hessians, so modules sharing one (q/k/v, gate/up) factorize once.
 
-    A layer's batches come as q/o, k/v, gate/up, down: two entries cover every reuse."""
+    A layer's batches come as q/o, k/v, gate/up, down: two entries cover every reuse. The entries are the calling
+    thread's: each of `concurrent_solves`'s threads runs on a CUDA stream of its own, and reuses only the factors
+    its own stream computed."""
 
     size = 2
 
     def __init__(self) -> None:
-        self._entries: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._local = threading.local()
+
+    @property
+    def _entries(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if not hasattr(self._local, "entries"):
+            self._local.entries = []
+        return self._local.entries
 
     def __call__(self, hessian: torch.Tensor) -> torch.Tensor | None:
         for index, (seen, factor) in enumerate(self._entries):
@@ -397,7 +429,7 @@ class FactorCache:
         return factor
 
     def clear(self) -> None:
-        self._entries = []
+        self._local = threading.local()
 
 
 def fast_factorize_hessian(cache: FactorCache) -> Callable[..., torch.Tensor]:
@@ -448,6 +480,60 @@ def tf32_block_updates(quantize_weight: Callable[..., Any]) -> Callable[..., Any
             return quantize_weight(*args, **kwargs)
 
     return quantize
+
+
+def width_groups(modules: list[torch.nn.Module]) -> list[list[torch.nn.Module]]:
+    """Modules by their weight's input width, each group in the given order. GPTQ reuses a factor only for an
+    equal Hessian, which has an equal width, so no group needs anything another computes."""
+    groups: dict[int, list[torch.nn.Module]] = {}
+    for module in modules:
+        groups.setdefault(module.weight.shape[-1], []).append(module)
+    return list(groups.values())
+
+
+@contextmanager
+def side_stream(main: torch.cuda.Stream | None) -> Iterator[None]:
+    """The block on a new CUDA stream that starts after the work queued on `main` so far, and that `main`'s later
+    work waits for; with no stream (CPU) the block runs as it is."""
+    if main is None:
+        yield
+        return
+    stream = torch.cuda.Stream(main.device)
+    stream.wait_stream(main)
+    with torch.cuda.device(main.device), torch.cuda.stream(stream):
+        yield
+    main.wait_stream(stream)
+
+
+def concurrent_solves(compress_module_list: Callable[..., Any]) -> Callable[..., Any]:
+    """llm-compressor's GPTQ solve of a layer's modules with each `width_groups` group (on the 8B shape q/k/v/o
+    and gate/up, against down_proj) in a thread and on a CUDA stream of its own. Its Triton block kernel walks
+    128 columns one at a time over a few hundred thread blocks, which leaves most of the GPU idle, so the groups
+    overlap. Each group computes what it would in turn. Products stay in full fp32 throughout: torch's matmul
+    precision is process-wide, so the threads must not switch it (no `tf32_updates` beside this)."""
+
+    def compress(modifier: Any, modules: list[torch.nn.Module]) -> None:
+        from compressed_tensors.offload import disable_offloading
+
+        groups = width_groups(modules)
+        if len(groups) < 2:
+            compress_module_list(modifier, modules)
+            return
+        device = modules[0].weight.device
+        main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        compressed = modifier._num_compressed_modules  # the threads' `+=` on it could interleave
+
+        def solve(group: list[torch.nn.Module]) -> None:
+            with side_stream(main):
+                compress_module_list(modifier, group)
+
+        # both switches are process-wide: set here once, the threads' own enter and exit change nothing
+        with matmul_precision("ieee"), disable_offloading(), ThreadPoolExecutor(len(groups)) as pool:
+            for _ in pool.map(solve, groups):  # re-raises a thread's error
+                pass
+        modifier._num_compressed_modules = compressed + len(modules)
+
+    return compress
 
 
 def strided_awq_samples(stride: int) -> Callable[[Any, torch.nn.Module], list[torch.Tensor]]:
@@ -626,6 +712,8 @@ def tuned_engine(plan: TuningPlan, model: torch.nn.Module) -> Iterator[None]:
             stack.enter_context(patches.llmcompressor_factorization(fast_factorize_hessian(factors)))
             if plan.tf32_updates:  # only beside the factorization above, which keeps its own products in fp32
                 stack.enter_context(patches.llmcompressor_quantize_weight(tf32_block_updates))
+        if plan.enabled and plan.concurrent_solves:
+            stack.enter_context(patches.llmcompressor_compress_modules(concurrent_solves))
         if plan.enabled and plan.awq_search_stride > 1:
             stack.enter_context(patches.llmcompressor_awq_samples(strided_awq_samples(plan.awq_search_stride)))
         if plan.enabled and plan.skip_tail and plan.propagate_error:

@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from pipeline.backends import tuning
 from pipeline.backends.tuning import GIB, MAX_BATCH_TOKENS, TuningPlan, plan_tuning
@@ -97,6 +98,7 @@ ON_OFF_OPTIONS = {
     "hessian": "fast_hessian",
     "factor": "fast_factorization",
     "tf32": "tf32_updates",
+    "concurrent": "concurrent_solves",
     "propagate": "propagate_error",
     "tail": "skip_tail",
     "norm": "fused_norm",
@@ -203,7 +205,8 @@ def _free_memory(model: Any) -> None:
 def phase_timers(phases: dict[str, float]) -> Iterator[None]:
     """Accumulate into `phases` the wall time of the sequential pipeline's two passes over each layer
     (``calibrate_pass``, hooks on, which includes ``gptq_hessian``; ``propagate_pass``), GPTQ's solves
-    (``gptq_solve``, which includes ``gptq_factorize``) and AWQ's scale search (and its parts)."""
+    (``gptq_solve``, which includes ``gptq_factorize`` unless the solves run side by side: their threads go
+    untimed) and AWQ's scale search (and its parts)."""
     from llmcompressor.modifiers.gptq import GPTQModifier, gptq_quantize
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -211,6 +214,8 @@ def phase_timers(phases: dict[str, float]) -> Iterator[None]:
 
     def timed(method: Callable[..., Any], phase: str | Callable[[], str]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                return method(*args, **kwargs)  # `concurrent_solves`: a sync here would serialize the streams
             name = phase if isinstance(phase, str) else phase()
             _sync()
             start = time.perf_counter()
@@ -246,6 +251,14 @@ def phase_timers(phases: dict[str, float]) -> Iterator[None]:
         tuning.strided_awq_samples = strided
         for owner, attr, original in originals:
             setattr(owner, attr, original)
+
+
+def overridden(plan: TuningPlan, mode: Mode) -> TuningPlan:
+    """The plan with the mode's overrides, checked like a planned one."""
+    try:
+        return TuningPlan.model_validate({**plan.model_dump(), **mode.overrides})
+    except ValidationError as exc:
+        raise PipelineError(f"--modes {mode.label!r}: {exc.errors()[0]['msg']}") from None
 
 
 def run_raw(model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seq_len: int) -> None:
@@ -392,7 +405,7 @@ class Bench:
             lengths = [seq_len] * samples if samples else None
             plan = plan_tuning(model, lengths, spec, max_batch_tokens=mode.batch_tokens)
             if plan.enabled and mode.overrides:
-                plan = plan.model_copy(update=mode.overrides)
+                plan = overridden(plan, mode)
         phases: dict[str, float] = {}
         profiler = self._profiler()
         with ResourceMonitor() as monitor, phase_timers(phases), profiler:
@@ -569,6 +582,8 @@ def describe_settings(run: RunResult) -> str:
         parts.append("factor flip, shared" if plan.get("fast_factorization") else "factor llm-compressor")
         if plan.get("tf32_updates") and plan.get("fast_factorization"):
             parts.append("updates tf32")
+        if plan.get("concurrent_solves"):
+            parts.append("solves side by side")
     if not plan.get("propagate_error", True):
         parts.append("no propagation pass")
     elif plan.get("skip_tail"):
