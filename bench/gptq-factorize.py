@@ -3,7 +3,8 @@
 llm-compressor 0.14 (`gptq.helpers.factorize_hessian`) computes L = chol(H), H⁻¹ = cholesky_inverse(L), then
 U = chol(H⁻¹, upper): two factorizations and an inversion. With J the reversal matrix, chol(JHJ) = Lf gives
 H⁻¹ = J Lf⁻ᵀ Lf⁻¹ J, so U = J Lf⁻¹ J: one factorization and one triangular solve ("flip"); "blocked" inverts
-Lf by halves with matrix products (`pipeline.backends.tuning.lower_inverse`, what the tuned path runs).
+Lf by halves with matrix products (`pipeline.backends.tuning.lower_inverse`, what the tuned path runs);
+"blocked64" is the same in fp64.
 
 Per layer of the Qwen3-8B shape GPTQ factorizes six 4096-wide Hessians (q/o, k/v, gate/up in pairs) and one
 12288-wide one (down_proj). Usage (repository root): python bench/gptq-factorize.py [--layers 36] > result.json
@@ -57,6 +58,11 @@ def blocked_factor(h: torch.Tensor) -> torch.Tensor:
     return torch.stack([tuning.upper_inverse_factor(item) for item in h])
 
 
+def blocked64_factor(h: torch.Tensor) -> torch.Tensor:
+    """ "blocked" computed in fp64 (FP64 tensor cores on Hopper) and rounded to fp32: no fp32 product in it."""
+    return torch.stack([tuning.upper_inverse_factor(item.double()).float() for item in h])
+
+
 def reference(h: torch.Tensor) -> torch.Tensor:
     """The fp64 factor the fp32 ones are compared with."""
     h64 = h.double()
@@ -79,12 +85,17 @@ def main() -> None:
     args = parser.parse_args()
     shapes = [(2, 4096), (2, 4096), (2, 4096), (1, 12288)]  # one layer: q/o, k/v, gate/up, down
     rows = []
-    per_layer = {"llmcompressor": 0.0, "flip": 0.0, "blocked": 0.0}
+    per_layer = {"llmcompressor": 0.0, "flip": 0.0, "blocked": 0.0, "blocked64": 0.0}
     for seed, (batch, n) in enumerate(shapes):
         h = damped_hessians(batch, n, tokens=2 * n, seed=seed)
         ref = reference(h)
         row: dict[str, object] = {"batch": batch, "n": n}
-        variants = (("llmcompressor", llmcompressor_factor), ("flip", flip_factor), ("blocked", blocked_factor))
+        variants = (
+            ("llmcompressor", llmcompressor_factor),
+            ("flip", flip_factor),
+            ("blocked", blocked_factor),
+            ("blocked64", blocked64_factor),
+        )
         for name, function in variants:
             seconds, factor = timed(function, h)
             per_layer[name] += seconds

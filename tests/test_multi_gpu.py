@@ -267,6 +267,39 @@ def test_worker_rejects_a_missing_request(capsys: pytest.CaptureFixture[str]) ->
     assert "usage: RANK=... python -m pipeline.backends.dist_worker REQUEST.json" in capsys.readouterr().err
 
 
+FAILING_RANK = """
+import sys, time
+from types import SimpleNamespace
+import torch.distributed as dist
+from pipeline.backends import dist_worker
+
+def fail(request, started):
+    raise RuntimeError("solve failed")
+
+dist_worker.preload = lambda: None
+dist_worker.wait_for_request = lambda path, parent: SimpleNamespace(launched_at=time.time())
+dist_worker.run = fail
+dist.destroy_process_group = lambda: print("group destroyed", flush=True)
+dist_worker.leave(dist_worker.main([sys.argv[1]]))
+"""
+
+
+def test_a_failing_rank_exits_without_waiting_for_its_peers(tmp_path: Path) -> None:
+    """A rank whose quantize step raises prints why and exits non-zero at once: destroying an NCCL group would wait
+    for a peer blocked in a collective (gloo here, one rank)."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(free_port())
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_RANK, str(tmp_path / "request.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "RuntimeError: solve failed" in done.stderr
+    assert "group destroyed" not in done.stdout
+
+
 def test_smoke_request_carries_tensor_parallel_size(tiny_model_dir: Path, tmp_path: Path) -> None:
     from pipeline.vllm.launch import run_worker
 

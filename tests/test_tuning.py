@@ -34,6 +34,7 @@ from pipeline.backends.tuning import (
     symmetric_gram,
     tf32_block_updates,
     tuned_engine,
+    upper_inverse_factor,
     width_groups,
 )
 from pipeline.bench.synthetic_model import QWEN3_8B, qwen3_config, scaled_shape
@@ -123,15 +124,15 @@ def test_strided_awq_samples_runs_every_stride_th_batch() -> None:
 
 
 def test_plan_solves_side_by_side_only_for_a_model_on_the_gpu(fake_gpu: None) -> None:
-    """Concurrent solves need every weight on the GPU; they replace TF32 updates (one process-wide precision)."""
+    """Concurrent solves need every weight on the GPU; TF32 updates need the fp64 factorization beside them."""
     on_gpu = SimpleNamespace(config=MODEL_8B.config, parameters=lambda: [SimpleNamespace(is_cuda=True)], buffers=list)
     resident = plan_tuning(on_gpu, [2048] * 128, GPTQ, free_bytes=63 * GIB)
     hosted = plan_tuning(MODEL_8B, [2048] * 128, GPTQ, free_bytes=63 * GIB)
-    assert (resident.concurrent_solves, resident.tf32_updates) == (True, False)
+    assert (resident.concurrent_solves, resident.tf32_updates) == (True, True)
     assert (hosted.concurrent_solves, hosted.tf32_updates) == (False, True)
     assert not plan_tuning(on_gpu, [512] * 128, AWQ, free_bytes=63 * GIB).concurrent_solves
-    with pytest.raises(ValueError, match="choose one"):
-        resident.model_validate({**resident.model_dump(), "tf32_updates": True})
+    with pytest.raises(ValueError, match="needs fast_factorization"):
+        resident.model_validate({**resident.model_dump(), "fast_factorization": False})
 
 
 def test_plan_shrinks_to_fit_small_memory(fake_gpu: None) -> None:
@@ -272,31 +273,30 @@ def test_fast_factorization_matches_llmcompressor(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_tf32_updates_leave_the_factorization_in_fp32() -> None:
-    """The solve runs with TF32 products, the factorization it calls in full fp32; the setting is restored."""
-    seen: list[tuple[str, str]] = []
+def test_tf32_updates_cover_the_solve_and_restore_the_precision() -> None:
+    seen: list[str] = []
 
-    def precision() -> str:
-        return torch.backends.cuda.matmul.fp32_precision
+    def solve(modifier: Any, modules: list[torch.nn.Module]) -> None:
+        seen.append(torch.backends.cuda.matmul.fp32_precision)
 
-    class Recording(FactorCache):
-        def __call__(self, hessian: torch.Tensor) -> torch.Tensor | None:
-            seen.append(("factor", precision()))
-            return super().__call__(hessian)
+    before = torch.backends.cuda.matmul.fp32_precision
+    tf32_block_updates(solve)(None, [])
+    assert seen == ["tf32"] and torch.backends.cuda.matmul.fp32_precision == before
 
-    factorize = fast_factorize_hessian(Recording())
 
-    def solve(weights: torch.Tensor, hessians: torch.Tensor) -> torch.Tensor:
-        seen.append(("solve", precision()))
-        factors = factorize(weights, hessians, 0.01, torch.zeros(1, dtype=torch.bool))
-        seen.append(("solve", precision()))
-        return factors
-
-    before = precision()
-    x = torch.randn(64, 8)
-    factors = tf32_block_updates(solve)(torch.randn(1, 4, 8), (x.T @ x).unsqueeze(0))
-    assert seen == [("solve", "tf32"), ("factor", "ieee"), ("solve", "tf32")]
-    assert precision() == before and torch.equal(factors, factors.triu())
+def test_factor_is_computed_in_fp64() -> None:
+    """U of an fp32 Hessian within fp64 rounding of the exact factor (fp32 arithmetic would leave ~1e-7), in fp32:
+    TF32 products, which change fp32 only, cannot reach it."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 48, dtype=torch.float64)
+    hessian = (x.T @ x / 256 + 0.01 * torch.eye(48, dtype=torch.float64)).float()
+    exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian.double())), upper=True)
+    factor = upper_inverse_factor(hessian)
+    assert factor is not None and factor.dtype == torch.float32
+    assert ((factor.double() - exact).norm() / exact.norm()).item() < 1e-7
+    assert ((factor.double() - exact).norm() / exact.norm()).item() <= (
+        (exact.float().double() - exact).norm() / exact.norm()
+    ).item() * 1.01
 
 
 @pytest.mark.parametrize(("n", "leaf"), [(37, 8), (64, 16), (20, 32)])
@@ -540,8 +540,9 @@ def test_compressing_first_writes_the_same_files(monkeypatch: pytest.MonkeyPatch
 
 def test_concurrent_solves_give_the_weights_of_solves_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside a real `oneshot`: every layer's modules are solved in one thread per input width (two here), every
-    module once, and the weights are those of the solves in turn (but for a weight on a rounding boundary, where
-    a BLAS called from another thread summed in another order)."""
+    module once, under the TF32 setting made before the threads start, and the weights are those of the solves in
+    turn (but for a weight on a rounding boundary, where a BLAS called from another thread summed in another
+    order)."""
     from llmcompressor.modifiers.gptq.base import GPTQModifier
 
     calls: list[tuple[str, int]] = []
@@ -549,10 +550,14 @@ def test_concurrent_solves_give_the_weights_of_solves_in_turn(monkeypatch: pytes
 
     def recorded(modifier: Any, modules: list[torch.nn.Module]) -> None:
         calls.extend((threading.current_thread().name, m.weight.shape[-1]) for m in modules)
+        precisions.add(torch.backends.cuda.matmul.fp32_precision)
         compress(modifier, modules)
 
+    precisions: set[str] = set()
     monkeypatch.setattr(GPTQModifier, "compress_module_list", recorded)
-    plan = TuningPlan(enabled=True, reason="test", batch_size=4, fast_hessian=True, fast_factorization=True)
+    plan = TuningPlan(
+        enabled=True, reason="test", batch_size=4, fast_hessian=True, fast_factorization=True, tf32_updates=True
+    )
     in_turn = _tiny_run(GPTQ, plan, torch.float32, layers=2)
     assert {thread for thread, _ in calls} == {threading.main_thread().name}
     modules = len(calls)
@@ -561,6 +566,7 @@ def test_concurrent_solves_give_the_weights_of_solves_in_turn(monkeypatch: pytes
     threads = {width: {thread for thread, w in calls if w == width} for _, width in calls}
     assert len(calls) == modules and len(threads) == 2
     assert all(threading.main_thread().name not in names for names in threads.values())
+    assert precisions == {"tf32"}  # set before the threads start, for every one of them
     kl_in_turn, kl_side_by_side, equal = _compare(in_turn, side_by_side)
     assert equal >= 0.999
     assert abs(kl_side_by_side - kl_in_turn) <= 0.01 * kl_in_turn

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +182,12 @@ def main(argv: list[str]) -> int:
         result = run(request, rank_start(request.launched_at, created, marks))
         if dist.get_rank() == 0:
             write_text_atomic(Path(request.result), json.dumps(result, indent=2))  # the stage stops the ranks on it
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # Not destroying the group: with NCCL that waits for a peer blocked in a collective, forever (a rank that
+        # failed in GPTQ's solve hung a two-GPU run). Exiting at once lets the parent stop the other ranks.
+        traceback.print_exc()
+        leave(1)
+    dist.destroy_process_group()
     return 0
 
 

@@ -103,13 +103,6 @@ def llmcompressor_factorization(factorize: Callable[..., Any]) -> Any:
     return swap_attribute(gptq_quantize, "factorize_hessian", factorize, LLMCOMPRESSOR)
 
 
-def llmcompressor_quantize_weight(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
-    """GPTQ's per-batch solve (`quantize_weight`, as the modifier imported it) replaced by `wrap(original)`."""
-    from llmcompressor.modifiers.gptq import base
-
-    return swap_attribute(base, "quantize_weight", wrap(base.quantize_weight), LLMCOMPRESSOR)
-
-
 def llmcompressor_compress_modules(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
     """GPTQ's solve of a layer's calibrated modules (`GPTQModifier.compress_module_list(modifier, modules)`)
     replaced by `wrap(original)`."""

@@ -28,16 +28,16 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
   batches. On N distributed ranks llm-compressor sums the ranks' losses, so each rank scores
   ``AWQ_SEARCH_TOKENS / N``: the same tokens in all as on one GPU, and the search splits across the ranks;
 * factorizes GPTQ's Hessians with one Cholesky factorization and an inverse of the factor by halves instead of
-  llm-compressor's two factorizations and an inversion (the factor is the same, and closer to fp64), once per
+  llm-compressor's two factorizations and an inversion (the same factor, computed in fp64), once per
   distinct Hessian (q/k/v and gate/up share theirs): that was about 8 of the 13 s of GPTQ's solves for the 8B
   shape on an H200, and is 2.5 s now;
+* runs the fp32 products of GPTQ's blockwise updates (each 128-column block's error times the next columns of
+  the inverse factor) on TF32 tensor cores (``tf32_updates``) instead of fp32 CUDA cores. The factorization runs
+  in fp64, which TF32 does not touch;
 * solves GPTQ's modules of different input widths side by side (``concurrent_solves``, when the whole model is on
   the GPU): each group in a thread and on a CUDA stream of its own, q/k/v/o and gate/up beside down_proj on the 8B
   shape. llm-compressor's blockwise kernel walks one column at a time over a few hundred thread blocks, so one
-  module's solve leaves most of the GPU idle; each group computes what it would in turn;
-* otherwise runs the fp32 products of GPTQ's blockwise updates (each 128-column block's error times the next
-  columns of the inverse factor) on TF32 tensor cores (``tf32_updates``) instead of fp32 CUDA cores. The
-  factorization itself stays in full fp32. The two exclude each other: the precision switch is process-wide;
+  module's solve leaves much of the GPU idle; each group computes what it would in turn;
 * skips the sequential pipeline's propagation pass (``propagate_error=False``) unless the method is GPTQ. That
   pass re-runs each layer after its epoch so the next layer sees the compressed layer's outputs, but
   quantization stays disabled while calibrating and only GPTQ writes quantized weights then: after AWQ's
@@ -108,12 +108,9 @@ class TuningPlan(BaseModel):
     estimated_gib: float | None = None
 
     @model_validator(mode="after")
-    def _one_matmul_precision(self) -> TuningPlan:
-        if self.tf32_updates and self.concurrent_solves:
-            raise ValueError(
-                "tf32_updates switches torch's process-wide matmul precision, which concurrent_solves's "
-                "threads share: choose one"
-            )
+    def _factor_out_of_tf32(self) -> TuningPlan:
+        if self.tf32_updates and not self.fast_factorization:
+            raise ValueError("tf32_updates needs fast_factorization: llm-compressor's own factorization runs in fp32")
         return self
 
 
@@ -270,7 +267,7 @@ def plan_tuning(
         fused_norm=True,
         awq_search_stride=max(1, sum(lengths) // search_tokens) if spec.method == "awq" else 1,
         fast_factorization=spec.method == "gptq",
-        tf32_updates=spec.method == "gptq" and not concurrent,
+        tf32_updates=spec.method == "gptq",
         concurrent_solves=concurrent,
         propagate_error=spec.method == "gptq",
         skip_tail=spec.method == "gptq" and not static_activations,
@@ -392,12 +389,15 @@ def lower_inverse(lower: torch.Tensor, leaf: int = INVERSE_LEAF) -> torch.Tensor
 
 
 def upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor | None:
-    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) that GPTQ's updates use, or None if H is not positive
-    definite. With J the reversal matrix and chol(JHJ) = L: H⁻¹ = J·L⁻ᵀ·L⁻¹·J, so U = J·L⁻¹·J."""
-    lower, info = torch.linalg.cholesky_ex(hessian.flip(-2, -1))
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) that GPTQ's updates use, in H's dtype, or None if H is not
+    positive definite. With J the reversal matrix and chol(JHJ) = L: H⁻¹ = J·L⁻ᵀ·L⁻¹·J, so U = J·L⁻¹·J.
+
+    Computed in fp64: on an H200 (FP64 tensor cores) as fast as in fp32 (3.14 against 3.00 s for the 8B shape's
+    36 layers, docs/BENCHMARKS.md) at 1/25 of the error, and out of reach of the TF32 setting of the updates."""
+    lower, info = torch.linalg.cholesky_ex(hessian.double().flip(-2, -1))
     if info.item() != 0:
         return None
-    return lower_inverse(lower).flip(-2, -1)
+    return lower_inverse(lower).flip(-2, -1).to(hessian.dtype)
 
 
 class FactorCache:
@@ -446,8 +446,7 @@ def fast_factorize_hessian(cache: FactorCache) -> Callable[..., torch.Tensor]:
             weights.masked_fill_(dead.unsqueeze(1), 0)
         diag.add_(percdamp * diag.mean(dim=-1, keepdim=True))
         for index in range(hessians.shape[0]):
-            with matmul_precision("ieee"):  # also inside `tf32_block_updates`
-                factor = cache(hessians[index])
+            factor = cache(hessians[index])
             if factor is None:
                 hessians[index] = torch.eye(hessians.shape[-1], dtype=hessians.dtype, device=hessians.device)
                 used_rtn_fallback[index] = True
@@ -469,17 +468,18 @@ def matmul_precision(mode: str) -> Iterator[None]:
         torch.backends.cuda.matmul.fp32_precision = previous
 
 
-def tf32_block_updates(quantize_weight: Callable[..., Any]) -> Callable[..., Any]:
-    """llm-compressor's `quantize_weight` with its fp32 products on TF32: the blockwise updates
+def tf32_block_updates(compress_module_list: Callable[..., Any]) -> Callable[..., Any]:
+    """llm-compressor's GPTQ solve of a layer's modules with its fp32 products on TF32: the blockwise updates
     W[:, i2:] -= Err·H⁻¹[i1:i2, i2:] carry a block's rounding error into the columns still to be quantized, a
-    correction that the 4-bit rounding of those columns then absorbs. The factorization (called inside) keeps
-    fp32 (`fast_factorize_hessian`)."""
+    correction that the 4-bit rounding of those columns then absorbs. The factor H⁻¹ comes from
+    `upper_inverse_factor`, in fp64, which TF32 does not touch. The setting is process-wide: it is made here,
+    before `concurrent_solves` starts its threads, which never change it."""
 
-    def quantize(*args: Any, **kwargs: Any) -> Any:
+    def compress(modifier: Any, modules: list[torch.nn.Module]) -> None:
         with matmul_precision("tf32"):
-            return quantize_weight(*args, **kwargs)
+            compress_module_list(modifier, modules)
 
-    return quantize
+    return compress
 
 
 def width_groups(modules: list[torch.nn.Module]) -> list[list[torch.nn.Module]]:
@@ -505,12 +505,17 @@ def side_stream(main: torch.cuda.Stream | None) -> Iterator[None]:
     main.wait_stream(stream)
 
 
+def load_cuda_linalg(device: torch.device) -> None:
+    """torch loads its CUDA linear-algebra library on the first such call, and a second thread making a first call
+    at the same time fails ("lazy wrapper should be called at most once", torch 2.11): make one before threads."""
+    torch.linalg.cholesky_ex(torch.ones(1, 1, device=device))
+
+
 def concurrent_solves(compress_module_list: Callable[..., Any]) -> Callable[..., Any]:
     """llm-compressor's GPTQ solve of a layer's modules with each `width_groups` group (on the 8B shape q/k/v/o
     and gate/up, against down_proj) in a thread and on a CUDA stream of its own. Its Triton block kernel walks
-    128 columns one at a time over a few hundred thread blocks, which leaves most of the GPU idle, so the groups
-    overlap. Each group computes what it would in turn. Products stay in full fp32 throughout: torch's matmul
-    precision is process-wide, so the threads must not switch it (no `tf32_updates` beside this)."""
+    128 columns one at a time over a few hundred thread blocks, which leaves much of the GPU idle, so the groups
+    overlap. Each group computes what it would in turn."""
 
     def compress(modifier: Any, modules: list[torch.nn.Module]) -> None:
         from compressed_tensors.offload import disable_offloading
@@ -521,14 +526,16 @@ def concurrent_solves(compress_module_list: Callable[..., Any]) -> Callable[...,
             return
         device = modules[0].weight.device
         main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        if main is not None:
+            load_cuda_linalg(device)
         compressed = modifier._num_compressed_modules  # the threads' `+=` on it could interleave
 
         def solve(group: list[torch.nn.Module]) -> None:
             with side_stream(main):
                 compress_module_list(modifier, group)
 
-        # both switches are process-wide: set here once, the threads' own enter and exit change nothing
-        with matmul_precision("ieee"), disable_offloading(), ThreadPoolExecutor(len(groups)) as pool:
+        # a process-wide switch: set here once, each thread's own enter and exit change nothing
+        with disable_offloading(), ThreadPoolExecutor(len(groups)) as pool:
             for _ in pool.map(solve, groups):  # re-raises a thread's error
                 pass
         modifier._num_compressed_modules = compressed + len(modules)
@@ -710,10 +717,10 @@ def tuned_engine(plan: TuningPlan, model: torch.nn.Module) -> Iterator[None]:
             factors = FactorCache()
             stack.callback(factors.clear)
             stack.enter_context(patches.llmcompressor_factorization(fast_factorize_hessian(factors)))
-            if plan.tf32_updates:  # only beside the factorization above, which keeps its own products in fp32
-                stack.enter_context(patches.llmcompressor_quantize_weight(tf32_block_updates))
         if plan.enabled and plan.concurrent_solves:
             stack.enter_context(patches.llmcompressor_compress_modules(concurrent_solves))
+        if plan.enabled and plan.tf32_updates:  # wraps the threads above: the precision is set before they start
+            stack.enter_context(patches.llmcompressor_compress_modules(tf32_block_updates))
         if plan.enabled and plan.awq_search_stride > 1:
             stack.enter_context(patches.llmcompressor_awq_samples(strided_awq_samples(plan.awq_search_stride)))
         if plan.enabled and plan.skip_tail and plan.propagate_error:
