@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench.benchmark import BenchReport, parse_mode, render_report, run_bench
+from pipeline.backends.tuning import TuningPlan
+from pipeline.bench.benchmark import BenchReport, overridden, parse_mode, render_report, run_bench
 from pipeline.bench.synthetic_model import QWEN3_8B, build_model, scaled_shape, write_model_dir
 from pipeline.cli import build_parser
 from pipeline.errors import PipelineError
@@ -49,6 +50,14 @@ def test_parse_mode() -> None:
     for bad in ("fast", "raw:tokens=1", "tuned:warp=9", "tuned:search=0"):
         with pytest.raises(PipelineError):
             parse_mode(bad)
+
+
+def test_mode_overrides_are_checked_like_a_planned_plan() -> None:
+    plan = TuningPlan(enabled=True, reason="test", fast_factorization=True, tf32_updates=True)
+    assert overridden(plan, parse_mode("tuned:concurrent=on")).concurrent_solves
+    with pytest.raises(PipelineError, match="tuned:factor=off.*tf32_updates needs fast_factorization"):
+        overridden(plan, parse_mode("tuned:factor=off"))
+    assert not overridden(plan, parse_mode("tuned:factor=off,tf32=off")).fast_factorization
 
 
 def test_bench_subcommand_parses() -> None:

@@ -253,7 +253,6 @@ def plan_tuning(
         return fixed + batch_size * seq_len * per_token + (cache if on_gpu_cache else 0)
 
     on_gpu_cache = needed(batch, True) <= budget
-    concurrent = spec.method == "gptq" and gpu_resident(model)
     while batch > 1 and needed(batch, on_gpu_cache) > budget:
         batch //= 2
     return TuningPlan(
@@ -268,7 +267,7 @@ def plan_tuning(
         awq_search_stride=max(1, sum(lengths) // search_tokens) if spec.method == "awq" else 1,
         fast_factorization=spec.method == "gptq",
         tf32_updates=spec.method == "gptq",
-        concurrent_solves=concurrent,
+        concurrent_solves=spec.method == "gptq" and gpu_resident(model),
         propagate_error=spec.method == "gptq",
         skip_tail=spec.method == "gptq" and not static_activations,
         free_gib=round(free_bytes / GIB, 1),
@@ -534,7 +533,7 @@ def concurrent_solves(compress_module_list: Callable[..., Any]) -> Callable[...,
             with side_stream(main):
                 compress_module_list(modifier, group)
 
-        # a process-wide switch: set here once, each thread's own enter and exit change nothing
+        # compressed-tensors' offloading switch is process-wide: set once here, the threads' own use changes nothing
         with disable_offloading(), ThreadPoolExecutor(len(groups)) as pool:
             for _ in pool.map(solve, groups):  # re-raises a thread's error
                 pass
