@@ -69,16 +69,13 @@ def run_directory(recipe: Recipe, source: ModelSource, output: Path | None) -> P
 
 def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]:
     """Each stage's fingerprint chains its upstream's, so a changed input re-runs everything after it."""
-    from transformers import AutoTokenizer
-
     from pipeline.stages.calibrate import calibration_fingerprint
     from pipeline.stages.evaluate import gate_limits
 
     versions = library_versions()
     calib = None
     if recipe.quantize.calibrates:
-        tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=recipe.model.trust_remote_code)
-        calib = calibration_fingerprint(recipe, tokenizer)
+        calib = calibration_fingerprint(recipe, ctx.tokenizer())
     engine = {k: versions.get(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors", "gptqmodel")}
     quant = fingerprint("quantize/v1", ctx.model_fingerprint, calib, recipe.model.dtype, recipe.quantize, engine)
     export = fingerprint("export/v1", quant, recipe.export)

@@ -14,7 +14,11 @@ from pipeline.recipe.schema import QuantizeSpec
 class QuantizeBackend(Protocol):
     """Loads a model, quantizes it over a calibration set and writes it in its format."""
 
-    def load(self, path: Any, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]: ...
+    def load(
+        self, path: Any, spec: QuantizeSpec, dtype: str, trust_remote_code: bool, tokenizer: Any
+    ) -> tuple[Any, Any]:
+        """The model and the tokenizer to quantize it with: `tokenizer` (the run's, from `path`), or the engine's
+        own where the engine loads one with the model (GPTQModel)."""
 
     def quantize(
         self, model: Any, tokenizer: Any, calibration: Any, spec: QuantizeSpec, seed: int, log_dir: Any = None

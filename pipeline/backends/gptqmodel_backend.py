@@ -80,7 +80,10 @@ def kernel_backend(spec: QuantizeSpec) -> Any:
 class Backend:
     """GPTQ (format `gptq`) or AWQ (format `gemm`) through GPTQModel."""
 
-    def load(self, path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    def load(
+        self, path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool, tokenizer: Any
+    ) -> tuple[Any, Any]:
+        """GPTQModel loads the model with a tokenizer wrapper of its own, which its `quantize` expects."""
         import torch
 
         gptqmodel = import_gptqmodel()

@@ -149,14 +149,16 @@ class Backend:
         self.tuning: TuningPlan | None = None  # the plan of the last `quantize` call
         self.placement: Placement | None = None  # where the last `load` put the weights
 
-    def load(self, path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    def load(
+        self, path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool, tokenizer: Any
+    ) -> tuple[Any, Any]:
         """On the GPU when `placement_for` says the model fits there, else on the host (onloaded per layer)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.placement = placement_for(path, spec, dtype, trust_remote_code)
         where = {"device_map": "cuda"} if self.placement.device == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **where)
-        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return model, tokenizer
 
     def describe(self, spec: QuantizeSpec) -> dict[str, Any]:
         info = {"modifiers": [type(m).__name__ for m in build_modifiers(spec)], "format": "compressed-tensors"}

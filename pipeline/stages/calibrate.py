@@ -60,10 +60,9 @@ def packed_samples(spec: CalibrateSpec, tokenizer: Any) -> tuple[list[list[int]]
 def run_calibrate(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     """Tokenize N samples (one text each, or packed) and save them (datasets format) under <run>/calibration/."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
 
     spec = recipe.calibrate
-    tokenizer = AutoTokenizer.from_pretrained(ctx.source.path, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = ctx.tokenizer()
     samples, texts = (packed_samples if spec.pack else truncated_samples)(spec, tokenizer)
     if len(samples) < spec.num_samples:
         ctx.log.warning("calibrate: only %d samples available (asked for %d)", len(samples), spec.num_samples)

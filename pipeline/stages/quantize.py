@@ -34,7 +34,7 @@ def load_model(recipe: Recipe, ctx: RunContext, backend: QuantizeBackend) -> tup
     own dtype so the artifact is saved in it whatever dtype calibration ran in."""
     ctx.state["export_dtype"] = checkpoint_dtype(recipe, ctx)
     dtype = compute_dtype(recipe.model.dtype)
-    return backend.load(ctx.source.path, recipe.quantize, dtype, recipe.model.trust_remote_code)
+    return backend.load(ctx.source.path, recipe.quantize, dtype, recipe.model.trust_remote_code, ctx.tokenizer())
 
 
 def run_quantize(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
