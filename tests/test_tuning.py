@@ -285,18 +285,19 @@ def test_tf32_updates_cover_the_solve_and_restore_the_precision() -> None:
 
 
 def test_factor_is_computed_in_fp64() -> None:
-    """U of an fp32 Hessian within fp64 rounding of the exact factor (fp32 arithmetic would leave ~1e-7), in fp32:
-    TF32 products, which change fp32 only, cannot reach it."""
+    """U of an fp32 Hessian is the exact factor rounded to fp32 (computed in fp32, it had 2.3 times that error here),
+    so TF32 products, which change fp32 arithmetic only, cannot reach it."""
     torch.manual_seed(0)
     x = torch.randn(256, 48, dtype=torch.float64)
     hessian = (x.T @ x / 256 + 0.01 * torch.eye(48, dtype=torch.float64)).float()
     exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian.double())), upper=True)
     factor = upper_inverse_factor(hessian)
+
+    def error(u: torch.Tensor) -> float:
+        return ((u.double() - exact).norm() / exact.norm()).item()
+
     assert factor is not None and factor.dtype == torch.float32
-    assert ((factor.double() - exact).norm() / exact.norm()).item() < 1e-7
-    assert ((factor.double() - exact).norm() / exact.norm()).item() <= (
-        (exact.float().double() - exact).norm() / exact.norm()
-    ).item() * 1.01
+    assert error(factor) <= 1.01 * error(exact.float())
 
 
 @pytest.mark.parametrize(("n", "leaf"), [(37, 8), (64, 16), (20, 32)])
