@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.eval.fidelity import is_compressed_tensors, next_token_fidelity
+from pipeline.eval.fidelity import held_out_fidelity, is_compressed_tensors, next_token_fidelity
 
 TEXTS = [
     "The quantized model should predict the same next token as the original one.",
@@ -58,6 +58,28 @@ def test_model_against_itself_is_identical(tiny_model_dir: Path) -> None:
     per_text = result["per_text"]
     assert per_text["top1"] == per_text["tokens"] and sum(per_text["tokens"]) == result["tokens"]
     assert len(per_text["kl"]) == len(TEXTS) and max(abs(k) for k in per_text["kl"]) < 1e-4
+
+
+def test_held_out_fidelity_loads_the_base_tokenizer_once(
+    tiny_model_dir: Path, perturbed_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held-out texts are chosen and tokenized with one load of the base tokenizer (a Qwen-sized one took
+    1.3-1.5 s to load on a 2-core CPU)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.recipe.schema import EvalSpec
+
+    loads: list[str] = []
+    load = AutoTokenizer.from_pretrained.__func__
+
+    def counted(cls: type, path: str | Path, *args: object, **kwargs: object) -> object:
+        loads.append(str(path))
+        return load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counted))
+    result = held_out_fidelity(EvalSpec(fidelity_samples=4, fidelity_max_length=32), tiny_model_dir, perturbed_model)
+    assert loads == [str(tiny_model_dir)]
+    assert result["texts"] == 4 and result["kl_mean"] > 1e-4
 
 
 def test_perturbed_copy_diverges(tiny_model_dir: Path, perturbed_model: Path) -> None:

@@ -48,12 +48,14 @@ def next_token_fidelity(
     batch_size: int,
     device: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Mean next-token KL(base || quant) and top-1 agreement over all non-pad positions of ``texts``, and both
     summed per text (`per_text`) for the token-level gate's interval.
 
-    Both models see the same token ids (from the base tokenizer); log-softmax and KL are computed in float32.
-    `device` defaults to the GPU when there is one.
+    Both models see the same token ids (from the base tokenizer: `tokenizer` if the caller loaded it already; it
+    is set to pad on the right); log-softmax and KL are computed in float32. `device` defaults to the GPU when
+    there is one.
     """
     import torch
     from transformers import AutoTokenizer
@@ -61,7 +63,8 @@ def next_token_fidelity(
     start = time.perf_counter()
     device = device or default_device()
     dtype = "auto" if device != "cpu" else "float32"
-    tokenizer = AutoTokenizer.from_pretrained(base_model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(base_model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -159,4 +162,5 @@ def held_out_fidelity(
         spec.fidelity_max_length,
         batch_size=4,
         trust_remote_code=trust_remote_code,
+        tokenizer=tokenizer,
     )
