@@ -75,7 +75,7 @@ def stage_fingerprints(recipe: Recipe, ctx: RunContext) -> dict[str, str | None]
     versions = library_versions()
     calib = None
     if recipe.quantize.calibrates:
-        calib = calibration_fingerprint(recipe, ctx.tokenizer())
+        calib = calibration_fingerprint(recipe, ctx.source)
     engine = {k: versions.get(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors", "gptqmodel")}
     quant = fingerprint("quantize/v1", ctx.model_fingerprint, calib, recipe.model.dtype, recipe.quantize, engine)
     export = fingerprint("export/v1", quant, recipe.export)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,16 +105,35 @@ def test_missing_file_and_bad_suffix(tmp_path: Path) -> None:
         dataset_identity(CalibrateSpec(dataset=str(tmp_path / "x.csv")))
 
 
-def test_fingerprint_stable_and_sensitive(tmp_path: Path, tokenizer) -> None:
+@pytest.fixture()
+def source(tiny_tokenizer_dir: Path) -> ModelSource:
+    return ModelSource("local", "tiny", tiny_tokenizer_dir, None)
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path: Path, source: ModelSource) -> None:
     data = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS])
     recipe, _ = load_recipe("gptq", [f"calibrate.dataset={data}"])
-    fp = calibration_fingerprint(recipe, tokenizer)
-    assert fp == calibration_fingerprint(recipe, tokenizer)
+    fp = calibration_fingerprint(recipe, source)
+    assert fp == calibration_fingerprint(recipe, source)
     for change in ("calibrate.num_samples=3", "calibrate.max_seq_length=16", "calibrate.seed=9"):
         changed, _ = load_recipe("gptq", [f"calibrate.dataset={data}", change])
-        assert calibration_fingerprint(changed, tokenizer) != fp, change
+        assert calibration_fingerprint(changed, source) != fp, change
     write_jsonl(data, [{"text": t + "!"} for t in TEXTS])
-    assert calibration_fingerprint(recipe, tokenizer) != fp
+    assert calibration_fingerprint(recipe, source) != fp
+
+
+def test_the_fingerprint_follows_the_tokenizer_files_not_the_weights(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_tokenizer_dir, model)
+    (model / "model.safetensors").write_bytes(b"base weights")
+    source = ModelSource("local", "model", model, None)
+    recipe, _ = load_recipe("gptq", [f"calibrate.dataset={write_jsonl(tmp_path / 'c.jsonl', [{'text': 'a'}])}"])
+    fp = calibration_fingerprint(recipe, source)
+    (model / "model.safetensors").write_bytes(b"tuned weights, same tokenizer")
+    assert calibration_fingerprint(recipe, source) == fp
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
+    assert calibration_fingerprint(recipe, source) != fp
 
 
 def test_run_calibrate_saves_tokenized_set(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
@@ -159,17 +179,17 @@ def test_packing_with_too_little_text(tmp_path: Path, tokenizer, caplog: pytest.
         packed_samples(spec.model_copy(update={"max_seq_length": 4096}), tokenizer)
 
 
-def test_packing_changes_the_fingerprint(tmp_path: Path, tokenizer) -> None:
+def test_packing_changes_the_fingerprint(source: ModelSource) -> None:
     recipe, _ = load_recipe("gptq")
     packed = recipe.model_copy(update={"calibrate": recipe.calibrate.model_copy(update={"pack": True})})
-    assert calibration_fingerprint(recipe, tokenizer) != calibration_fingerprint(packed, tokenizer)
+    assert calibration_fingerprint(recipe, source) != calibration_fingerprint(packed, source)
     assert recipe.artifact_hash() != packed.artifact_hash()
 
 
 @pytest.mark.e2e  # calibrate, quantize and export of the tiny model (~5 s)
 def test_a_run_loads_the_tokenizer_once(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stage fingerprints, calibrate and quantize share the run's tokenizer (a Qwen-sized one took 1.3-1.5 s to
-    load on a 2-core CPU); the artifact still ships it."""
+    """Calibrate and quantize share the run's tokenizer (a Qwen-sized one took 1.3-1.5 s to load on a 2-core CPU),
+    and a run whose stages are all up to date loads none; the artifact still ships it."""
     from pipeline.runner import run_pipeline
 
     loads: list[str] = []
@@ -182,6 +202,9 @@ def test_a_run_loads_the_tokenizer_once(tiny_model_dir: Path, tmp_path: Path, mo
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counted))
     overrides = ["calibrate.dataset=calibration/demo-calibration.jsonl", "calibrate.num_samples=8"]
     recipe, path = load_recipe("gptq", [*overrides, "calibrate.max_seq_length=32"], str(tiny_model_dir))
-    ctx = run_pipeline(recipe, path, ["calibrate", "quantize", "export"], output=tmp_path)
+    steps = ["calibrate", "quantize", "export"]
+    ctx = run_pipeline(recipe, path, steps, output=tmp_path)
     assert loads.count(str(tiny_model_dir)) == 1
     assert (ctx.model_dir / "tokenizer_config.json").is_file()
+    run_pipeline(recipe, path, steps, output=tmp_path)
+    assert loads.count(str(tiny_model_dir)) == 1

@@ -48,8 +48,8 @@ class RunContext:
         return self.run_dir / "logs"
 
     def tokenizer(self) -> Any:
-        """The model's tokenizer, loaded once per run: the stage fingerprints, calibrate and quantize each need it,
-        and a Qwen-sized one (151 k tokens, a 14 MB tokenizer.json) took 1.3-1.5 s to load on a 2-core CPU."""
+        """The model's tokenizer, loaded once per run and only when a stage runs: calibrate and quantize each need
+        it, and a Qwen-sized one (151 k tokens, a 14 MB tokenizer.json) took 1.3-1.5 s to load on a 2-core CPU."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -27,6 +27,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.py")
+TOKENIZER_FILES = tuple(p for p in MODEL_FILES if p not in ("*.safetensors", "*.bin"))
 
 
 @dataclass(frozen=True)
@@ -234,9 +235,21 @@ def model_fingerprint(source: ModelSource) -> str:
     Hub snapshots take LFS digests from huggingface_hub's blob names; other files are streamed once and
     their digests cached by path, size, mtime and inode under the cache root.
     """
+    return _files_fingerprint(source, MODEL_FILES)
+
+
+def tokenizer_fingerprint(source: ModelSource) -> str:
+    """sha256 over every model file but the weights: whatever a tokenizer may read (its own files, the chat
+    template, config.json naming its class, remote code). The calibration's fingerprint takes this instead of a
+    loaded tokenizer, so no run loads one before a stage needs it, and a fine-tune that keeps the base's tokenizer
+    and configuration keeps its calibration."""
+    return _files_fingerprint(source, TOKENIZER_FILES)
+
+
+def _files_fingerprint(source: ModelSource, patterns: tuple[str, ...]) -> str:
     files = {
         str(p.relative_to(source.path)): p
-        for pattern in MODEL_FILES
+        for pattern in patterns
         for p in sorted(source.path.glob(pattern))
         if p.is_file()
     }

@@ -9,19 +9,13 @@ from pipeline.recipe.schema import CalibrateSpec, Recipe
 from pipeline.run.context import RunContext
 from pipeline.run.files import atomic_directory
 from pipeline.run.manifest import fingerprint
+from pipeline.run.model_source import ModelSource, tokenizer_fingerprint
 from pipeline.run.text_data import dataset_identity, iter_texts, select_texts
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of the tokenizer's vocabulary/merges, special tokens and chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
-    return fingerprint(body, tokenizer.all_special_tokens, getattr(tokenizer, "chat_template", None))
-
-
-def calibration_fingerprint(recipe: Recipe, tokenizer: Any) -> str:
+def calibration_fingerprint(recipe: Recipe, source: ModelSource) -> str:
     spec = recipe.calibrate
-    return fingerprint("calibrate/v1", dataset_identity(spec), tokenizer_fingerprint(tokenizer), spec.model_dump())
+    return fingerprint("calibrate/v2", dataset_identity(spec), tokenizer_fingerprint(source), spec.model_dump())
 
 
 def truncated_samples(spec: CalibrateSpec, tokenizer: Any) -> tuple[list[list[int]], int]:
