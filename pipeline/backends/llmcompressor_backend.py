@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.backends import patches
+from pipeline.backends.pinned_load import pinned_loading
 from pipeline.backends.tuning import (
     Placement,
     TuningPlan,
@@ -172,7 +173,10 @@ class Backend:
                 torch.device("cuda", torch.cuda.current_device()),
                 (lambda: quantization_scheme(spec).weights) if gptq else None,
             )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **where)
+        with pinned_loading() if where else nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, **where
+            )
         return model, tokenizer
 
     def describe(self, spec: QuantizeSpec) -> dict[str, Any]:

@@ -141,6 +141,15 @@ def transformers_eager_attention(function: Callable[..., Any]) -> Any:
     return swap_item(ALL_ATTENTION_FUNCTIONS._local_mapping, "eager", function, TRANSFORMERS)
 
 
+def transformers_weight_copy(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """transformers' copy of one checkpoint tensor onto its device while loading (`core_model_loading.
+    _materialize_copy`, which its loader threads call) replaced by `wrap(original)`."""
+    from transformers import core_model_loading
+
+    original = core_model_loading._materialize_copy
+    return swap_attribute(core_model_loading, "_materialize_copy", wrap(original), TRANSFORMERS)
+
+
 def transformers_norm_forward(cls: type, forward: Callable[..., Any]) -> Any:
     """A transformers RMSNorm class's `forward` replaced by `forward`."""
     return swap_attribute(cls, "forward", forward, TRANSFORMERS)
