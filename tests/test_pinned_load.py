@@ -1,4 +1,4 @@
-"""Weights onto the GPU through pinned buffers: the same tensors as transformers' own load, and host loads left alone."""
+"""Weights onto the GPU through pinned buffers: the tensors of transformers' own load; host loads left alone."""
 
 from __future__ import annotations
 

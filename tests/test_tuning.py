@@ -696,37 +696,3 @@ def test_tuned_plan_on_the_demo_model(demo_model_dir: Path, spec: QuantizeSpec, 
     kl_default, kl_tuned, equal = _compare(*runs)
     print(f"demo {spec.method}: KL default {kl_default:.5g} tuned {kl_tuned:.5g}, weights equal {equal:.2%}")
     assert abs(kl_tuned - kl_default) <= 0.05 * kl_default
-
-
-def test_the_warm_up_runs_a_gptq_solve_with_the_recipes_weight_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Beside a load onto the GPU, `warm_up` makes the engine's first calls on small tensors; for GPTQ that is one
-    real solve with the recipe's scheme (on a GPU, llm-compressor's Triton kernel compiles or loads there)."""
-    from llmcompressor.modifiers.gptq import gptq_quantize
-
-    from pipeline.backends.llmcompressor_backend import quantization_scheme
-    from pipeline.recipe.schema import QuantizeSpec
-
-    solved: list[tuple[Any, torch.Tensor]] = []
-    real = gptq_quantize.quantize_weight
-
-    def recorded(weights: torch.Tensor, hessians: torch.Tensor, scale: torch.Tensor, *args: Any) -> Any:
-        out = real(weights, hessians, scale, *args)
-        solved.append((args[-1], out[0] / scale.repeat_interleave(weights.shape[-1] // scale.shape[-1], -1)))
-        return out
-
-    monkeypatch.setattr(gptq_quantize, "quantize_weight", recorded)
-    spec = QuantizeSpec(method="gptq", scheme="W4A16", group_size=64)
-    tuning.warm_up(torch.device("cpu"), lambda: quantization_scheme(spec).weights)
-    assert len(solved) == 1
-    args, codes = solved[0]
-    assert (args.num_bits, args.group_size) == (4, 64)
-    assert torch.equal(codes, codes.round()) and codes.min() >= -8 and codes.max() <= 7  # on the int4 grid
-    tuning.warm_up(torch.device("cpu"), None)  # AWQ and the rest: no solve
-    assert len(solved) == 1
-
-
-def test_a_failed_warm_up_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    with ThreadPoolExecutor(1) as pool:
-        failed = pool.submit(lambda: 1 / 0)
-    tuning.finish_warm_up(failed)
-    assert "warm-up failed (ZeroDivisionError" in caplog.text

@@ -6,7 +6,6 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,10 @@ from pipeline.backends.pinned_load import pinned_loading
 from pipeline.backends.tuning import (
     Placement,
     TuningPlan,
-    finish_warm_up,
     gpu_resident,
     oneshot_overrides,
     placement_for,
     plan_tuning,
-    start_warm_up,
     tuned_engine,
     world_size,
 )
@@ -36,8 +33,11 @@ SHARD_SIZE = "2GB"
 SHARD_NAME = re.compile(r"-(\d{5})-of-\d{5}\.safetensors$")  # transformers' shard files: model-00002-of-00004
 
 
-def quantization_scheme(spec: QuantizeSpec) -> Any:
-    """The preset scheme with the recipe's single-argument overrides (compressed-tensors' QuantizationScheme)."""
+def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
+    """`scheme=` for a plain preset, or `config_groups=` when single arguments are overridden."""
+    common = {"targets": spec.targets, "ignore": spec.ignore}
+    if spec.group_size is None and spec.symmetric is None:
+        return {**common, "scheme": spec.scheme}
     from compressed_tensors.quantization import preset_name_to_scheme
 
     scheme = preset_name_to_scheme(spec.scheme, spec.targets)
@@ -45,15 +45,7 @@ def quantization_scheme(spec: QuantizeSpec) -> Any:
         scheme.weights.group_size = spec.group_size
     if spec.symmetric is not None:
         scheme.weights.symmetric = spec.symmetric
-    return scheme
-
-
-def scheme_arguments(spec: QuantizeSpec) -> dict[str, Any]:
-    """`scheme=` for a plain preset, or `config_groups=` when single arguments are overridden."""
-    common = {"targets": spec.targets, "ignore": spec.ignore}
-    if spec.group_size is None and spec.symmetric is None:
-        return {**common, "scheme": spec.scheme}
-    return {**common, "config_groups": {"group_0": quantization_scheme(spec)}}
+    return {**common, "config_groups": {"group_0": scheme}}
 
 
 def build_modifiers(spec: QuantizeSpec) -> list[Any]:
@@ -157,7 +149,6 @@ class Backend:
     def __init__(self) -> None:
         self.tuning: TuningPlan | None = None  # the plan of the last `quantize` call
         self.placement: Placement | None = None  # where the last `load` put the weights
-        self._warm_up: Future[None] | None = None  # the engine's start-up, run beside a load onto the GPU
 
     def load(
         self, path: Path, spec: QuantizeSpec, dtype: str, trust_remote_code: bool, tokenizer: Any
@@ -167,12 +158,6 @@ class Backend:
 
         self.placement = placement_for(path, spec, dtype, trust_remote_code)
         where = {"device_map": "cuda"} if self.placement.device == "cuda" else {}
-        if where:
-            gptq = spec.method == "gptq"
-            self._warm_up = start_warm_up(
-                torch.device("cuda", torch.cuda.current_device()),
-                (lambda: quantization_scheme(spec).weights) if gptq else None,
-            )
         with pinned_loading() if where else nullcontext():
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code, **where
@@ -215,8 +200,6 @@ class Backend:
             }
         self.tuning = plan or plan_tuning(model, lengths, spec)
         kwargs.update(oneshot_overrides(self.tuning, calibration))
-        finish_warm_up(self._warm_up)
-        self._warm_up = None
         with cpu_pinning_disabled(), tuned_engine(self.tuning, model):
             return oneshot(model=model, processor=tokenizer, recipe=build_modifiers(spec), **kwargs)
 

@@ -59,7 +59,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -508,74 +508,6 @@ def load_cuda_linalg(device: torch.device) -> None:
     """torch loads its CUDA linear-algebra library on the first such call, and a second thread making a first call
     at the same time fails ("lazy wrapper should be called at most once", torch 2.11): make one before threads."""
     torch.linalg.cholesky_ex(torch.ones(1, 1, device=device))
-
-
-def warm_up(device: torch.device, gptq_weights: Callable[[], Any] | None) -> None:
-    """A fresh process's first use of what the engine runs: importing llm-compressor, the first call of each CUDA
-    library (cuBLAS in bf16, fp32 and fp64, cuSOLVER, fused attention) and, for GPTQ (`gptq_weights` gives the
-    scheme's weight arguments), llm-compressor's Triton block kernel, on tensors a few hundred wide. In a `qpipe
-    run` of the 8B shape on an H200 these cost about 0.9 s in the first layer and the import 0.7-0.9 s.
-    `start_warm_up` runs this beside the model load, which spends most of its 2.5-3 s copying weights with the
-    GIL released."""
-    from llmcompressor import oneshot  # noqa: F401  (the import is the point: the engine makes it next)
-
-    x = torch.randn(256, 256, device=device)
-    for dtype in (torch.bfloat16, torch.float32):
-        _ = x.to(dtype) @ x.to(dtype)
-    load_cuda_linalg(device)
-    spd = x @ x.T / 256 + torch.eye(256, device=device)
-    upper_inverse_factor(spd)
-    q = torch.randn(2, 4, 128, 64, device=device, dtype=torch.bfloat16)
-    kv = q[:, :1]
-    torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
-    if gptq_weights is not None:
-        _warm_gptq_kernel(device, gptq_weights(), spd)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _warm_gptq_kernel(device: torch.device, weights: Any, hessian: torch.Tensor) -> None:
-    """llm-compressor's GPTQ solve of one 16 x 256 weight: its Triton kernel compiles or loads here. Group and
-    channel scales only (the int4 and int8 schemes); other layouts warm up in their first layer."""
-    from compressed_tensors.quantization import QuantizationStrategy
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-
-    rows, columns = 16, hessian.shape[0]
-    if weights.strategy == QuantizationStrategy.GROUP and columns % weights.group_size == 0:
-        groups = columns // weights.group_size
-    elif weights.strategy == QuantizationStrategy.CHANNEL:
-        groups = 1
-    else:
-        return
-    scale = torch.full((1, rows, groups), 0.05, device=device)
-    zero_point = torch.zeros((1, rows, groups), device=device, dtype=torch.int8)
-    quantize_weight(
-        torch.randn(1, rows, columns, device=device), hessian[None].clone(), scale, zero_point, None, weights
-    )
-
-
-def start_warm_up(device: torch.device, gptq_weights: Callable[[], Any] | None) -> Future[None]:
-    """`warm_up` in a thread of its own, for `finish_warm_up` to wait for. transformers' modeling module, which
-    both the load and llm-compressor import, is imported here first, so the threads do not import it at once."""
-    from transformers import PreTrainedModel  # noqa: F401
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="qpipe-warm-up")
-    future = pool.submit(warm_up, device, gptq_weights)
-    pool.shutdown(wait=False)
-    return future
-
-
-def finish_warm_up(future: Future[None] | None) -> None:
-    """Wait for the warm-up; one that failed only costs the first layer its start-up, so it is logged, not raised."""
-    if future is None:
-        return
-    error = future.exception()
-    if error is not None:
-        log.warning(
-            "quantize: the engine's warm-up failed (%s: %s); its first layer pays the start-up",
-            type(error).__name__,
-            error,
-        )
 
 
 def concurrent_solves(compress_module_list: Callable[..., Any]) -> Callable[..., Any]:
