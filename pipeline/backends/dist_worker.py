@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from pipeline.backends import patches
 from pipeline.backends.distributed import PARENT_PID_ENV, POLL_S, DistributedRequest, rank_slice
+from pipeline.backends.pinned_load import pinned_loading
 from pipeline.backends.tuning import Placement, placement_for
 from pipeline.run.files import write_text_atomic
 
@@ -92,8 +93,9 @@ def init_process_group() -> None:
 
 
 def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
-    """Where it fits (`placement_for`), every rank loads the whole model onto its own GPU, reading the files
-    side by side; otherwise rank 0 loads it once on the host and the ranks share it (onloaded per layer)."""
+    """Where it fits (`placement_for`), every rank loads the whole model onto its own GPU through pinned buffers
+    (`pinned_loading`), reading the files side by side; otherwise rank 0 loads it once on the host and the ranks
+    share it (onloaded per layer)."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +103,8 @@ def load_model(request: DistributedRequest) -> tuple[Placement, Any]:
     args = {"dtype": request.dtype, "trust_remote_code": request.trust_remote_code}
     if placement.device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-        return placement, AutoModelForCausalLM.from_pretrained(request.model, device_map=device, **args)
+        with pinned_loading():
+            return placement, AutoModelForCausalLM.from_pretrained(request.model, device_map=device, **args)
     # the context swaps `from_pretrained` for its shared loading: look it up inside
     with load_offloaded_model(extra_cpu_mem=request.reserve_cpu_bytes):
         return placement, AutoModelForCausalLM.from_pretrained(request.model, device_map="auto_offload", **args)
