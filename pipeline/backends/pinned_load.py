@@ -2,10 +2,10 @@
 
 transformers 5 loads with four threads, each copying a tensor from the checkpoint's memory map with
 `tensor.to("cuda")`. A copy from pageable memory is made on the default stream, where the threads' copies take
-turns: the 8B shape's 16 GB took 2.5-2.9 s on an H200 host (about 6 GB/s) with 4, 8 or 16 threads alike
-(docs/BENCHMARKS.md). Here each loader thread copies through two pinned buffers of its own on a CUDA stream of its
-own: it reads the memory map's pages into one buffer while the other one's transfer runs, and the threads'
-transfers run side by side.
+turns: the 8B shape's 16 GB took 2.5-3.0 s on an H200 host (about 6 GB/s) with 4, 8 or 16 threads alike. Here
+each loader thread copies through two pinned buffers of its own on a CUDA stream of its own: it reads the memory
+map's pages into one buffer while the other one's transfer runs, and the threads' transfers run side by side.
+That took 0.8-1.1 s, every tensor equal to the checkpoint's (docs/BENCHMARKS.md, `bench/load-weights.py`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
   calibration can need (``model_placement``), so the sequential pipeline's per-layer onloading copies
   nothing; otherwise the model is loaded on the host and onloaded layer by layer as before. The weights go
   through pinned buffers (``pipeline/backends/pinned_load.py``): the 8B shape's 16 GB in 0.8-1.1 s instead of
-  transformers' 2.5-2.7 s on an H200 host;
+  transformers' 2.5-3.0 s on an H200 host;
 * batches calibration samples of equal length (``batch_size`` from the token budget below). Batches are
   formed only from samples of identical length, so no token is truncated or padded away: GPTQ's Hessian,
   AWQ's activation means and losses see exactly the token set of batch size 1, summed in another order;
