@@ -27,7 +27,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.py")
-TOKENIZER_FILES = tuple(p for p in MODEL_FILES if p not in ("*.safetensors", "*.bin"))
+TOKENIZER_FILES = tuple(p for p in MODEL_FILES if p not in WEIGHT_FILES)
 
 
 @dataclass(frozen=True)
