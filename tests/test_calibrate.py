@@ -208,3 +208,42 @@ def test_a_run_loads_the_tokenizer_once(tiny_model_dir: Path, tmp_path: Path, mo
     assert (ctx.model_dir / "tokenizer_config.json").is_file()
     run_pipeline(recipe, path, steps, output=tmp_path)
     assert loads.count(str(tiny_model_dir)) == 1
+
+
+def test_an_unreachable_hub_fails_the_calibration_in_one_line(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
+    """Asked once, within seconds: `datasets` alone retried for about 25 s before failing."""
+    import httpx
+
+    from pipeline.run import hub
+
+    asked: list[tuple[str, str]] = []
+
+    def unreachable(self: object, repo_id: str, **kwargs: object) -> None:
+        asked.append((repo_id, str(kwargs["repo_type"])))
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", unreachable)
+    expected = r"calibrate.dataset: .*unreachable for org/data \(\[Errno -2\].*OFFLINE=1"
+    with pytest.raises(PipelineError, match=expected) as err:
+        select_texts(CalibrateSpec(dataset="org/data"), tokenizer)
+    assert "\n" not in str(err.value)
+    assert asked == [("org/data", "dataset")]
+
+
+def test_the_hub_probe_leaves_answers_and_offline_mode_to_the_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.run import hub
+
+    def answered(self: object, repo_id: str, **kwargs: object) -> None:
+        raise ValueError("404 Client Error: Repository Not Found")  # the hub is there: the loader says more
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", answered)
+    assert hub.hub_unreachable("org/data", "dataset") is None
+
+    def never(self: object, repo_id: str, **kwargs: object) -> None:
+        raise AssertionError("offline mode asked the hub")
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: True)
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", never)
+    assert hub.hub_unreachable("org/data", "dataset") is None

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.run.hub import PROBE_TIMEOUT_S, hub_offline
 
 HUB_DATASET = "cais/mmlu"
-HUB_PROBE_TIMEOUT_S = 5.0
 METRICS = ("acc", "acc_norm", "exact_match")
 LOCAL_HINT = "set eval.mmlu_dir to a local Hendrycks-layout MMLU copy (test/ and dev/ CSVs)"
 
@@ -96,14 +96,7 @@ def _task_manager(tasks: list[str], include_path: Path | None) -> Any:
     return TaskManager(include_path=str(include_path) if include_path else None)
 
 
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE / HF_DATASETS_OFFLINE put ``datasets`` in offline mode."""
-    import datasets.config
-
-    return bool(datasets.config.HF_HUB_OFFLINE)
-
-
-def require_hub(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> None:
+def require_hub(timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """Fail fast with a one-line hint when the hub cannot be reached (before lm-eval retries for minutes).
 
     In offline mode nothing is probed: ``datasets`` then fails at once unless the data set is cached.

@@ -14,6 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.recipe.load import resolve_data_path
 from pipeline.recipe.schema import CalibrateSpec
 from pipeline.run.files import sha256_file
+from pipeline.run.hub import hub_unreachable
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -92,6 +93,7 @@ def _load_raw(spec: CalibrateSpec) -> Any:
         check_local_file(path)
     try:
         if files is None:
+            _require_hub(spec.dataset)
             return datasets.load_dataset(spec.dataset, spec.subset, split=spec.split)
         builder = LOCAL_BUILDERS[files[0].suffix]
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
@@ -100,6 +102,16 @@ def _load_raw(spec: CalibrateSpec) -> Any:
         cause = exc.__cause__ or exc  # DatasetGenerationError wraps the builder's own error
         first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise PipelineError(f"calibrate.dataset: cannot load {spec.dataset} ({first}); check the id or path") from None
+
+
+def _require_hub(dataset: str) -> None:
+    """One line within seconds, instead of `datasets`' retries, when a hub data set cannot be fetched."""
+    reason = hub_unreachable(dataset, "dataset")
+    if reason is not None:
+        raise PipelineError(
+            f"calibrate.dataset: the Hugging Face hub is unreachable for {dataset} ({reason}); point "
+            "calibrate.dataset at local files (.jsonl/.json/.parquet/.txt) or set HF_HUB_OFFLINE=1 to use a cached copy"
+        )
 
 
 def _render(spec: CalibrateSpec, tokenizer: Any, record: dict[str, Any]) -> str:
