@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.eval import lm_eval_runner
 from pipeline.eval.lm_eval_runner import EvalDataUnavailable, run_lm_eval
 from pipeline.eval.mmlu_local import MMLUFormatError, prepare_local_mmlu, stock_mmlu_dir
+from pipeline.run import hub
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"
 REAL_MMLU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
@@ -166,8 +166,8 @@ def test_unreachable_hub_without_local_dir_fails_fast(monkeypatch: pytest.Monkey
     def refuse(*_args, **_kwargs):
         raise ConnectionError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(lm_eval_runner, "hub_offline", lambda: False)
-    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", refuse)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", refuse)
     with pytest.raises(EvalDataUnavailable, match="hub unreachable .*set eval.mmlu_dir") as err:
         run_lm_eval("unused-model", ["mmlu"], 0, 1, 1, "cpu", None)
     assert "\n" not in str(err.value)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.run.hub import PROBE_TIMEOUT_S, hub_offline
+from pipeline.run.hub import hub_unreachable
 
 HUB_DATASET = "cais/mmlu"
 METRICS = ("acc", "acc_norm", "exact_match")
@@ -96,20 +96,14 @@ def _task_manager(tasks: list[str], include_path: Path | None) -> Any:
     return TaskManager(include_path=str(include_path) if include_path else None)
 
 
-def require_hub(timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def require_hub() -> None:
     """Fail fast with a one-line hint when the hub cannot be reached (before lm-eval retries for minutes).
 
     In offline mode nothing is probed: ``datasets`` then fails at once unless the data set is cached.
     """
-    if hub_offline():
-        return
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi().dataset_info(HUB_DATASET, timeout=timeout_s)
-    except Exception as err:  # DNS, timeout, HTTP or proxy error: the hub is unusable from here
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise EvalDataUnavailable(f"Hugging Face hub unreachable ({reason}); {LOCAL_HINT}") from err
+    reason = hub_unreachable(HUB_DATASET, "dataset")
+    if reason is not None:
+        raise EvalDataUnavailable(f"Hugging Face hub unreachable ({reason}); {LOCAL_HINT}")
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
