@@ -38,6 +38,22 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture()
+def tokenizer_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths `AutoTokenizer.from_pretrained` is called with during the test, in order."""
+    from transformers import AutoTokenizer
+
+    loads: list[str] = []
+    load = AutoTokenizer.from_pretrained.__func__
+
+    def counted(cls: type, path: str | Path, *args: object, **kwargs: object) -> object:
+        loads.append(str(path))
+        return load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counted))
+    return loads
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The embedded demo model, built once per machine (cached under $QPIPE_CACHE or ~/.cache/qpipe)."""

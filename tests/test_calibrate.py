@@ -187,27 +187,19 @@ def test_packing_changes_the_fingerprint(source: ModelSource) -> None:
 
 
 @pytest.mark.e2e  # calibrate, quantize and export of the tiny model (~5 s)
-def test_a_run_loads_the_tokenizer_once(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_loads_the_tokenizer_once(tiny_model_dir: Path, tmp_path: Path, tokenizer_loads: list[str]) -> None:
     """Calibrate and quantize share the run's tokenizer (a Qwen-sized one took 1.3-1.5 s to load on a 2-core CPU),
     and a run whose stages are all up to date loads none; the artifact still ships it."""
     from pipeline.runner import run_pipeline
 
-    loads: list[str] = []
-    load = AutoTokenizer.from_pretrained.__func__
-
-    def counted(cls: type, path: str | Path, *args: object, **kwargs: object) -> object:
-        loads.append(str(path))
-        return load(cls, path, *args, **kwargs)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counted))
     overrides = ["calibrate.dataset=calibration/demo-calibration.jsonl", "calibrate.num_samples=8"]
     recipe, path = load_recipe("gptq", [*overrides, "calibrate.max_seq_length=32"], str(tiny_model_dir))
     steps = ["calibrate", "quantize", "export"]
     ctx = run_pipeline(recipe, path, steps, output=tmp_path)
-    assert loads.count(str(tiny_model_dir)) == 1
+    assert tokenizer_loads.count(str(tiny_model_dir)) == 1
     assert (ctx.model_dir / "tokenizer_config.json").is_file()
     run_pipeline(recipe, path, steps, output=tmp_path)
-    assert loads.count(str(tiny_model_dir)) == 1
+    assert tokenizer_loads.count(str(tiny_model_dir)) == 1
 
 
 def test_an_unreachable_hub_fails_the_calibration_in_one_line(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
