@@ -42,8 +42,9 @@ unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=$ROOT/pycache
 EVAL_LIMIT=${EVAL_LIMIT:-5}        # MMLU questions per subject (57 subjects)
 DATASET=${DATASET:-calibration/demo-calibration.jsonl}
-# main-env wheels that must not shadow the vLLM site's own (compressed-tensors 0.17, its pydantic, loguru)
-NOT_FOR_VLLM='/(auto_round|compressed_tensors|llmcompressor|loguru|pydantic|pydantic_core|annotated_types|typing_inspection)-'
+# main-env wheels that must not shadow the vLLM site's own (compressed-tensors 0.17, its pydantic, loguru), and
+# liger-kernel, which only the quantize stage uses
+NOT_FOR_VLLM='/(auto_round|liger_kernel|compressed_tensors|llmcompressor|loguru|pydantic|pydantic_core|annotated_types|typing_inspection)-'
 
 qpipe() { "$QENV/bin/python" -m pipeline.cli "$@"; }
 traced_qpipe() { "$QENV/bin/python" bench/trace-run.py "$@"; }  # plus "trace" lines: time outside the stages

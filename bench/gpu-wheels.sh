@@ -93,12 +93,12 @@ yarl==1.25.1 zipp==4.1.0
 # out; torch, transformers, accelerate, ... come from the image). Versions of anything else come from
 # constraints.txt (the CPU environment's pins) where it names the package and the image does not have it.
 MAIN_TOP=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1 datasets==5.2.0
-  'lm_eval[hf]==0.4.13' pydantic==2.14.4)
-# The resolved set (`--resolve`, 2026-11-29): 28 wheels, about 18 MB.
+  'lm_eval[hf]==0.4.13' pydantic==2.14.4 liger-kernel==0.8.5)
+# The resolved set (`--resolve`, 2026-11-29; liger-kernel added 2026-12-01): 29 wheels, about 19 MB.
 MAIN_PINS='
 annotated-types==0.8.0 auto-round==0.15.1 chardet==6.0.0.post1 compressed-tensors==0.19.0 DataProperty==1.1.1
-datasets==5.2.0 defusedxml==0.7.1 dill==0.4.1 evaluate==0.4.6 llmcompressor==0.14.0.1 lm_eval==0.4.13
-loguru==0.7.3 mbstrdecoder==1.1.5 more-itertools==11.2.1 multiprocess==0.70.19 nltk==3.10.4
+datasets==5.2.0 defusedxml==0.7.1 dill==0.4.1 evaluate==0.4.6 liger-kernel==0.8.5 llmcompressor==0.14.0.1
+lm_eval==0.4.13 loguru==0.7.3 mbstrdecoder==1.1.5 more-itertools==11.2.1 multiprocess==0.70.19 nltk==3.10.4
 pathvalidate==3.3.1 pydantic==2.14.4 pydantic_core==2.50.5 pytablewriter==1.2.1 pytz==2026.6
 rouge_score==0.1.2 sqlitedict==2.1.0 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 typing-inspection==0.4.5
 word2number==1.1

@@ -273,7 +273,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=["raw", "default", "tuned"],
         help="raw, default, tuned or tuned:tokens=N,batch=B,offload=cpu|cuda,search=S,gram=N,"
-        "{hessian,factor,propagate,tail}=on|off",
+        "{hessian,factor,tf32,concurrent,propagate,tail,norm,rope,liger}=on|off",
     )
     bench.add_argument("--layers", type=int, help="decoder layers (default: 36, the full model)")
     bench.add_argument("--scale", type=float, default=1.0, help="width scale in (0, 1] for small CPU runs")

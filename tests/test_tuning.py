@@ -25,6 +25,7 @@ from pipeline.backends.tuning import (
     fast_factorize_hessian,
     fused_causal_attention,
     fused_rms_norm,
+    fused_rotary,
     is_causal_mask,
     loaded_weight_bytes,
     lower_inverse,
@@ -79,6 +80,17 @@ def test_plan_for_8b_on_an_80gb_gpu(fake_gpu: None) -> None:
     assert gptq.fast_factorization and gptq.propagate_error  # GPTQ's next layer must see its quantized outputs
     assert not awq.fast_factorization and not awq.propagate_error
     assert oneshot_overrides(awq.model_copy(update={"batch_size": 1}), calibration=None)["propagate_error"] is False
+
+
+def test_plan_fuses_rope_only_with_liger_kernel(fake_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """liger-kernel (the `gpu` extra) brings the RoPE kernel and the norms' one-kernel form; without it the norms
+    keep PyTorch's and the rotary embedding stays transformers'."""
+    for installed in (True, False):
+        monkeypatch.setattr(tuning, "liger_installed", lambda installed=installed: installed)
+        plan = plan_tuning(MODEL_8B, [2048] * 128, GPTQ, free_bytes=63 * GIB)
+        assert (plan.fused_rope, plan.liger_kernels, plan.fused_norm) == (installed, installed, True)
+    with pytest.raises(ValueError, match="fused_rope needs liger_kernels"):
+        TuningPlan(enabled=True, reason="test", fused_rope=True)
 
 
 def test_awq_search_subsample_keeps_small_calibration_whole(fake_gpu: None) -> None:
@@ -397,7 +409,7 @@ def test_fused_rms_norm_stands_in_once_checked() -> None:
     norm = CountingNorm(64)
     forward = fused_rms_norm(CountingNorm.forward)
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16) * 4
-    torch.testing.assert_close(forward(norm, x), CountingNorm.forward(norm, x), **tuning.NORM_TOLERANCE)
+    assert tuning.matches(forward(norm, x), CountingNorm.forward(norm, x))
     calls = norm.calls
     forward(norm, x * 2)
     assert norm.calls == calls  # checked once: the fused kernel alone from then on
@@ -443,6 +455,119 @@ def test_tuned_engine_swaps_the_models_norm_classes() -> None:
     assert Qwen3RMSNorm.forward is original
     with tuned_engine(TuningPlan(enabled=True, reason="test"), model):
         assert Qwen3RMSNorm.forward is original
+
+
+def _rotary_inputs() -> tuple[torch.Tensor, ...]:
+    """q, k (GQA: 4 and 2 heads) and cos/sin as a Qwen3 attention layer hands them to `apply_rotary_pos_emb`."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    config = qwen3_config(scaled_shape(QWEN3_8B, 1, 1 / 32))
+    torch.manual_seed(0)
+    q = torch.randn(2, 5, 4, 128, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(2, 5, 2, 128, dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = Qwen3RotaryEmbedding(config)(q, torch.arange(5).expand(2, 5))
+    return q, k, cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+
+
+def test_a_stand_in_matches_up_to_rounding_not_beyond() -> None:
+    """One bf16 step on a few elements, even where it is large relative to the element (a cancelling difference),
+    passes; a shifted weight (Gemma's `1 + weight`), another dtype or shape do not."""
+    torch.manual_seed(0)
+    reference = torch.randn(64, 128, dtype=torch.bfloat16)
+    rounded = reference.clone()
+    rounded[0, :8] = (reference[0, :8].float() * (1 + 2**-7)).to(torch.bfloat16)
+    rounded[1, 0] = reference[1, 0] * 1.03 + 0.004
+    assert not torch.equal(rounded, reference) and tuning.matches(rounded, reference)
+    assert not tuning.matches(reference + 1, reference)
+    assert not tuning.matches(reference.float(), reference)
+    assert not tuning.matches(reference[:32], reference)
+
+
+def test_fused_rotary_stands_in_once_checked() -> None:
+    """The first plain call checks the kernel against the model's own function; later calls run the kernel alone;
+    position ids or fp32 tensors go to the model's own function."""
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    calls: list[str] = []
+
+    def original(*args: Any, **kwargs: Any) -> Any:
+        calls.append("original")
+        return apply_rotary_pos_emb(*args, **kwargs)
+
+    def kernel(*args: Any) -> Any:
+        calls.append("kernel")
+        return apply_rotary_pos_emb(*args)
+
+    apply = fused_rotary(original, kernel)
+    q, k, cos, sin = _rotary_inputs()
+    for got, want in zip(apply(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+        assert torch.equal(got, want)
+    apply(q, k, cos, sin)
+    assert calls == ["original", "kernel", "kernel"]
+    apply(q, k, cos, sin, unsqueeze_dim=1)
+    apply(q.float(), k.float(), cos.float(), sin.float())
+    assert calls[3:] == ["original", "original"]
+
+
+def test_fused_rotary_keeps_a_function_that_computes_something_else() -> None:
+    """A kernel that disagrees on the first call is dropped: the model's own results, then and from then on."""
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    kernel_calls: list[int] = []
+
+    def unrotated(q: torch.Tensor, k: torch.Tensor, *_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel_calls.append(1)
+        return q, k
+
+    apply = fused_rotary(apply_rotary_pos_emb, unrotated)
+    q, k, cos, sin = _rotary_inputs()
+    for _ in range(2):
+        for got, want in zip(apply(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+            assert torch.equal(got, want)
+    assert kernel_calls == [1]
+
+
+def test_tuned_engine_swaps_the_models_rotary_function() -> None:
+    """The model's modeling module gets the stand-in inside the block, its own function afterwards."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = modeling_qwen3.Qwen3ForCausalLM(qwen3_config(scaled_shape(QWEN3_8B, 1, 1 / 32)))
+    assert tuning.rotary_modules(model) == [modeling_qwen3]
+    original = modeling_qwen3.apply_rotary_pos_emb
+    with tuned_engine(TuningPlan(enabled=True, reason="test", fused_rope=True, liger_kernels=True), model):
+        assert modeling_qwen3.apply_rotary_pos_emb is not original
+    assert modeling_qwen3.apply_rotary_pos_emb is original
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not tuning.liger_installed(), reason="needs a GPU and liger")
+def test_liger_kernels_compute_what_transformers_does_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """liger-kernel's RoPE and RMSNorm against Qwen3's own on CUDA, bf16, and a tuned forward of a two-layer model
+    through both kernels against the plain one."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    q, k, cos, sin = (t.cuda() for t in _rotary_inputs())
+    want = modeling_qwen3.apply_rotary_pos_emb(q, k, cos, sin)
+    for got, expected in zip(tuning.liger_rope(q.clone(), k.clone(), cos, sin), want, strict=True):
+        assert tuning.matches(got, expected)
+    norm = modeling_qwen3.Qwen3RMSNorm(4096).cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x = torch.randn(3, 7, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    assert tuning.matches(tuning.liger_rms_norm(x, norm.weight, 1e-6), norm(x))
+
+    calls: list[str] = []
+    for name in ("liger_rope", "liger_rms_norm"):
+        kernel = getattr(tuning, name)
+        monkeypatch.setattr(tuning, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
+    model = modeling_qwen3.Qwen3ForCausalLM(qwen3_config(scaled_shape(QWEN3_8B, 2, 1 / 8))).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), device="cuda")
+    plan = TuningPlan(enabled=True, reason="test", fused_norm=True, fused_rope=True, liger_kernels=True)
+    with torch.no_grad():
+        plain = model(ids).logits.float()
+        with tuned_engine(plan, model):
+            for _ in range(2):  # the first forward checks each stand-in, the second runs the kernels alone
+                tuned = model(ids).logits.float()
+    assert calls.count("liger_rope") == 2 * 2 and calls.count("liger_rms_norm") == 2 * (2 * 4 + 1)
+    assert (tuned - plain).abs().max() < 0.05 * plain.abs().max()
 
 
 def _quantize(

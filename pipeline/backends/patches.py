@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
@@ -153,6 +154,12 @@ def transformers_weight_copy(wrap: Callable[[Callable[..., Any]], Callable[..., 
 def transformers_norm_forward(cls: type, forward: Callable[..., Any]) -> Any:
     """A transformers RMSNorm class's `forward` replaced by `forward`."""
     return swap_attribute(cls, "forward", forward, TRANSFORMERS)
+
+
+def transformers_rotary(modeling: ModuleType, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """A transformers modeling module's `apply_rotary_pos_emb`, which its attention classes look up when called,
+    replaced by `wrap(original)`."""
+    return swap_attribute(modeling, "apply_rotary_pos_emb", wrap(modeling.apply_rotary_pos_emb), TRANSFORMERS)
 
 
 @contextmanager

@@ -19,10 +19,15 @@ With ``quantize.tuning: auto`` (the default) and a CUDA GPU present, the quantiz
 * runs attention through PyTorch's fused causal kernel (flash attention) where llm-compressor forces
   eager attention, whenever the mask handed to attention is exactly the causal mask (always the case for
   the unpadded batches above); any other mask falls back to the model's eager attention.
-* computes the model's RMSNorm layers with PyTorch's fused kernel (``torch.nn.functional.rms_norm``: one pass
-  in fp32 instead of transformers' seven elementwise passes, the fp32 copies included), keeping transformers'
-  own order of the weight's product and cast. Each norm class is checked once against its own forward on the
-  first real batch; a class that computes something else (Gemma's ``1 + weight``) keeps its own;
+* computes the model's RMSNorm layers in one fused pass, keeping transformers' own order of the weight's product
+  and cast (normalized in fp32, cast to the activations' dtype, then times the weight): liger-kernel's Triton
+  kernel (``liger_kernels``, the ``gpu`` extra) where it is installed, else PyTorch's fused normalization
+  (``torch.nn.functional.rms_norm``) and the weight's product after it, instead of transformers' seven
+  elementwise passes. Each norm class is checked once against its own forward on the first real batch; a class
+  that computes something else (Gemma's ``1 + weight``) keeps its own;
+* applies rotary position embeddings with liger-kernel's RoPE kernel (``fused_rope``, with ``liger_kernels``): one
+  pass over the queries and keys instead of transformers' ten, whose products with the broadcast cos/sin run on
+  PyTorch's slow strided path. Checked once like the norms against the model's own ``apply_rotary_pos_emb``;
 * scores AWQ's scale candidates on a subsample of the calibration batches (every ``awq_search_stride``-th,
   about ``AWQ_SEARCH_TOKENS`` tokens) instead of all of them: the grid search re-runs each parent module
   once per candidate, which is most of AWQ's time, while the activation means that shape the candidates
@@ -56,6 +61,7 @@ Without a GPU, with ``tuning: off``, or for data-free schemes the plan is disabl
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import threading
@@ -65,6 +71,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -99,6 +106,8 @@ class TuningPlan(BaseModel):
     fast_hessian: bool = False
     fused_attention: bool = False
     fused_norm: bool = False
+    fused_rope: bool = False
+    liger_kernels: bool = False
     awq_search_stride: int = 1
     fast_factorization: bool = False
     tf32_updates: bool = False
@@ -113,6 +122,8 @@ class TuningPlan(BaseModel):
     def _factor_out_of_tf32(self) -> TuningPlan:
         if self.tf32_updates and not self.fast_factorization:
             raise ValueError("tf32_updates needs fast_factorization: llm-compressor's own factorization runs in fp32")
+        if self.fused_rope and not self.liger_kernels:
+            raise ValueError("fused_rope needs liger_kernels: the RoPE kernel is liger-kernel's")
         return self
 
 
@@ -209,6 +220,11 @@ def gpu_resident(model: Any) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
+def liger_installed() -> bool:
+    """Whether liger-kernel (the `gpu` extra: fused Triton kernels for transformers' layers) can be imported."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def world_size() -> int:
     """Ranks of the initialized process group (1 outside a distributed run)."""
     import torch.distributed as dist
@@ -257,6 +273,9 @@ def plan_tuning(
     on_gpu_cache = needed(batch, True) <= budget
     while batch > 1 and needed(batch, on_gpu_cache) > budget:
         batch //= 2
+    liger = liger_installed()
+    if not liger:
+        log.info("liger-kernel is not installed (pip install 'qpipe[gpu]'): RoPE and RMSNorm run unfused or slower")
     return TuningPlan(
         enabled=True,
         reason="CUDA GPU present and quantize.tuning is auto",
@@ -266,6 +285,8 @@ def plan_tuning(
         fast_hessian=spec.method == "gptq",
         fused_attention=True,
         fused_norm=True,
+        fused_rope=liger,
+        liger_kernels=liger,
         awq_search_stride=max(1, sum(lengths) // search_tokens) if spec.method == "awq" else 1,
         fast_factorization=spec.method == "gptq",
         tf32_updates=spec.method == "gptq",
@@ -598,7 +619,55 @@ def fused_causal_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
-NORM_TOLERANCE = {"rtol": 1e-2, "atol": 1e-3}  # two bf16 steps: the fused mean only sums in another order
+STAND_IN_TOLERANCE = 2**-7  # relative L2 error, about two bf16 steps: a fused kernel rounds in another order
+
+
+def matches(fused: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether `fused` is `reference` up to rounding: same dtype and shape, and a relative L2 error of at most
+    `STAND_IN_TOLERANCE`. Relative to the whole tensor, not elementwise: where transformers rounds each product
+    to bf16 before a difference that cancels (RoPE's `q1·cos - q2·sin`), one element can be off by a bf16 step of
+    its inputs, many steps of its own value."""
+    if fused.dtype != reference.dtype or fused.shape != reference.shape:
+        return False
+    error = torch.linalg.vector_norm((fused - reference).float())
+    return bool(error <= STAND_IN_TOLERANCE * torch.linalg.vector_norm(reference.float()))
+
+
+class FirstCallCheck:
+    """A stand-in's verdict from its first real call: whether it computes what the function it stands in for does
+    (`matches`). One that does not keeps the original for good."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.passed: bool | None = None
+
+    def settle(self, fused: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`fused` if it matches `reference`, else `reference`; decides `passed`."""
+        self.passed = all(matches(f, r) for f, r in zip(fused, reference, strict=True))
+        if not self.passed:
+            log.info("%s computes something else than its fused stand-in: kept as it is", self.name)
+        return fused if self.passed else reference
+
+
+def _low_precision(tensor: Any) -> bool:
+    """A real bf16/fp16 tensor: not a traced proxy, not a meta tensor."""
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.device.type != "meta"
+        and tensor.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * rms_norm(x)`: PyTorch's fused normalization (fp32 inside, one cast), then the weight's product."""
+    return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def liger_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same in one liger-kernel Triton kernel ("llama" casting: normalized in fp32, cast, times the weight)."""
+    from liger_kernel.transformers.functional import liger_rms_norm as kernel
+
+    return kernel(x.contiguous(), weight, eps, casting_mode="llama")
 
 
 def _fusable_norm(module: torch.nn.Module) -> bool:
@@ -618,33 +687,57 @@ def rms_norm_classes(model: torch.nn.Module) -> list[type[torch.nn.Module]]:
     return sorted(found, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
 
 
-def fused_rms_norm(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A drop-in for one RMSNorm class's `forward`: `weight * rms_norm(x)` with PyTorch's fused kernel, which
-    normalizes in fp32 and casts to x's dtype once, as transformers' Llama-style norms do in seven passes.
-    The first real call compares it with `original`; if they differ the class keeps `original` for good."""
-    verdict: list[bool] = []
+def fused_rms_norm(
+    original: Callable[..., torch.Tensor], kernel: Callable[..., torch.Tensor] = torch_rms_norm
+) -> Callable[..., torch.Tensor]:
+    """A drop-in for one RMSNorm class's `forward`: `kernel(x, weight, eps)`, which normalizes in fp32 and casts to
+    x's dtype once before the weight's product, as transformers' Llama-style norms do in seven passes. Checked on
+    its first real call against `original`."""
+    check = FirstCallCheck(original.__qualname__)
 
     def forward(self: torch.nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plain = (  # one real low-precision tensor: not a traced proxy, not a meta tensor, no gate or other input
-            not args
-            and not kwargs
-            and isinstance(hidden_states, torch.Tensor)
-            and hidden_states.device.type != "meta"
-            and hidden_states.dtype in (torch.bfloat16, torch.float16)
-        )
-        if not plain or verdict == [False]:
+        if args or kwargs or not _low_precision(hidden_states) or check.passed is False:  # a gate or other input
             return original(self, hidden_states, *args, **kwargs)
-        normalized = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
-        fused = self.weight * normalized
-        if not verdict:
-            reference = original(self, hidden_states)
-            verdict.append(reference.dtype == fused.dtype and torch.allclose(fused, reference, **NORM_TOLERANCE))
-            if not verdict[0]:
-                log.info("%s computes something else than rms_norm: kept as it is", type(self).__qualname__)
-                return reference
+        fused = kernel(hidden_states, self.weight, self.variance_epsilon)
+        if check.passed is None:
+            (fused,) = check.settle((fused,), (original(self, hidden_states),))
         return fused
 
     return forward
+
+
+def rotary_modules(model: torch.nn.Module) -> list[ModuleType]:
+    """The transformers modeling modules of `model`'s classes that define `apply_rotary_pos_emb`."""
+    found = {sys.modules.get(type(module).__module__) for module in model.modules()}
+    return sorted(
+        (m for m in found if m is not None and callable(getattr(m, "apply_rotary_pos_emb", None))),
+        key=lambda m: m.__name__,
+    )
+
+
+def liger_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """liger-kernel's RoPE: one Triton pass that rotates q and k in place (transformers' attention forwards rebind
+    both to the results), where transformers makes ten, its products with the broadcast cos/sin on PyTorch's slow
+    strided path."""
+    from liger_kernel.transformers.functional import liger_rope as kernel
+
+    return kernel(q, k, cos, sin)
+
+
+def fused_rotary(original: Callable[..., Any], kernel: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., Any]:
+    """A drop-in for a modeling module's `apply_rotary_pos_emb(q, k, cos, sin)` computed by `kernel`. Checked on its
+    first real call against `original`."""
+    check = FirstCallCheck(f"{original.__module__}.apply_rotary_pos_emb")
+
+    def apply(q: Any, k: Any, cos: Any, sin: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        plain = not args and not kwargs and all(_low_precision(t) for t in (q, k, cos, sin))
+        if not plain or check.passed is False:  # position ids, another unsqueeze dimension, a traced call
+            return original(q, k, cos, sin, *args, **kwargs)
+        reference = original(q, k, cos, sin) if check.passed is None else None
+        fused = kernel(q, k, cos, sin)
+        return fused if reference is None else check.settle(fused, reference)
+
+    return apply
 
 
 @contextmanager
@@ -702,8 +795,8 @@ def tail_skipping(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextmanager
 def tuned_engine(plan: TuningPlan, model: torch.nn.Module) -> Iterator[None]:
-    """The plan's engine changes (Hessians and their factors, attention, norms, AWQ's search, the calibration
-    pass's last product) for one `oneshot` call on `model`."""
+    """The plan's engine changes (Hessians and their factors, attention, norms, rotary embeddings, AWQ's search,
+    the calibration pass's last product) for one `oneshot` call on `model`."""
     with ExitStack() as stack:
         if plan.enabled and plan.fast_hessian:
             gram = GramCache(plan.gram_block)
@@ -712,8 +805,12 @@ def tuned_engine(plan: TuningPlan, model: torch.nn.Module) -> Iterator[None]:
         if plan.enabled and plan.fused_attention:
             stack.enter_context(patches.transformers_eager_attention(fused_causal_attention))
         if plan.enabled and plan.fused_norm:
+            kernel = liger_rms_norm if plan.liger_kernels else torch_rms_norm
             for cls in rms_norm_classes(model):
-                stack.enter_context(patches.transformers_norm_forward(cls, fused_rms_norm(cls.forward)))
+                stack.enter_context(patches.transformers_norm_forward(cls, fused_rms_norm(cls.forward, kernel)))
+        if plan.enabled and plan.fused_rope:
+            for modeling in rotary_modules(model):
+                stack.enter_context(patches.transformers_rotary(modeling, partial(fused_rotary, kernel=liger_rope)))
         if plan.enabled and plan.fast_factorization:
             factors = FactorCache()
             stack.callback(factors.clear)

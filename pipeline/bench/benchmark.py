@@ -10,7 +10,8 @@ Each run builds the same seeded model afresh (timed as stage ``build``) and quan
   ``tuned:tokens=N,offload=cpu|cuda,hessian=on|off,batch=B,search=S,...`` overrides single settings (ablations;
   ``search=1``: AWQ scores its scales on every batch; ``gram=N``: GPTQ's Hessian products in strips of N
   columns, ``gram=100000`` the full product; ``tail=off``: GPTQ's calibration pass computes each layer's last
-  product; ``norm=off``: transformers' own RMSNorm).
+  product; ``norm=off``: transformers' own RMSNorm; ``rope=off``: transformers' own rotary embedding;
+  ``liger=off,rope=off``: no liger-kernel kernel, the norms through PyTorch's).
 
 With ``--num-gpus N`` the ``default`` and ``tuned`` modes run through the multi-GPU launcher instead
 (pipeline/backends/distributed.py: the model is saved, then quantized by N ranks); ``quantize`` is rank 0's
@@ -102,6 +103,8 @@ ON_OFF_OPTIONS = {
     "propagate": "propagate_error",
     "tail": "skip_tail",
     "norm": "fused_norm",
+    "rope": "fused_rope",
+    "liger": "liger_kernels",
 }
 
 
@@ -593,7 +596,9 @@ def describe_settings(run: RunResult) -> str:
         parts.append(f"search 1/{stride} of batches" if stride > 1 else "search all batches")
     parts.append("attention fused" if plan.get("fused_attention") else "attention eager")
     if plan.get("fused_norm"):
-        parts.append("norm fused")
+        parts.append("norm fused (liger)" if plan.get("liger_kernels") else "norm fused")
+    if plan.get("fused_rope"):
+        parts.append("rope fused")
     return ", ".join(parts)
 
 
