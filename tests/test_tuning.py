@@ -510,21 +510,27 @@ def test_fused_rotary_stands_in_once_checked() -> None:
 
 
 def test_fused_rotary_keeps_a_function_that_computes_something_else() -> None:
-    """A kernel that disagrees on the first call is dropped: the model's own results, then and from then on."""
+    """A kernel that disagrees on the first call, or fails on it, is dropped: the model's own results, then and from
+    then on."""
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-    kernel_calls: list[int] = []
+    kernel_calls: list[str] = []
 
     def unrotated(q: torch.Tensor, k: torch.Tensor, *_: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        kernel_calls.append(1)
+        kernel_calls.append("unrotated")
         return q, k
 
-    apply = fused_rotary(apply_rotary_pos_emb, unrotated)
+    def failing(*_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel_calls.append("failing")
+        raise ValueError("head_dim must be a power of two")
+
     q, k, cos, sin = _rotary_inputs()
-    for _ in range(2):
-        for got, want in zip(apply(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
-            assert torch.equal(got, want)
-    assert kernel_calls == [1]
+    for kernel in (unrotated, failing):
+        apply = fused_rotary(apply_rotary_pos_emb, kernel)
+        for _ in range(2):
+            for got, want in zip(apply(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+                assert torch.equal(got, want)
+    assert kernel_calls == ["unrotated", "failing"]
 
 
 def test_tuned_engine_swaps_the_models_rotary_function() -> None:

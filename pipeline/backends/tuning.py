@@ -275,7 +275,7 @@ def plan_tuning(
         batch //= 2
     liger = liger_installed()
     if not liger:
-        log.info("liger-kernel is not installed (pip install 'qpipe[gpu]'): RoPE and RMSNorm run unfused or slower")
+        log.info("liger-kernel is not installed (pip install 'qpipe[gpu]'): RoPE and RMSNorm run without its kernels")
     return TuningPlan(
         enabled=True,
         reason="CUDA GPU present and quantize.tuning is auto",
@@ -635,18 +635,27 @@ def matches(fused: torch.Tensor, reference: torch.Tensor) -> bool:
 
 class FirstCallCheck:
     """A stand-in's verdict from its first real call: whether it computes what the function it stands in for does
-    (`matches`). One that does not keeps the original for good."""
+    (`matches`). One that does not, or that fails on that call, keeps the original for good."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.passed: bool | None = None
 
-    def settle(self, fused: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """`fused` if it matches `reference`, else `reference`; decides `passed`."""
-        self.passed = all(matches(f, r) for f, r in zip(fused, reference, strict=True))
+    def settle(self, fused: Callable[[], Any], reference: Any) -> Any:
+        """`fused()` if it matches `reference` (a tensor or a tuple of tensors), else `reference`; decides
+        `passed`."""
+        try:
+            result = fused()
+        except Exception as exc:  # a shape or dtype the kernel does not take: the original stays
+            log.info("%s: its fused stand-in failed (%s): kept as it is", self.name, exc)
+            self.passed = False
+            return reference
+        results = result if isinstance(result, tuple) else (result,)
+        references = reference if isinstance(reference, tuple) else (reference,)
+        self.passed = len(results) == len(references) and all(map(matches, results, references))
         if not self.passed:
             log.info("%s computes something else than its fused stand-in: kept as it is", self.name)
-        return fused if self.passed else reference
+        return result if self.passed else reference
 
 
 def _low_precision(tensor: Any) -> bool:
@@ -698,10 +707,10 @@ def fused_rms_norm(
     def forward(self: torch.nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not _low_precision(hidden_states) or check.passed is False:  # a gate or other input
             return original(self, hidden_states, *args, **kwargs)
-        fused = kernel(hidden_states, self.weight, self.variance_epsilon)
         if check.passed is None:
-            (fused,) = check.settle((fused,), (original(self, hidden_states),))
-        return fused
+            fused = partial(kernel, hidden_states, self.weight, self.variance_epsilon)
+            return check.settle(fused, original(self, hidden_states))
+        return kernel(hidden_states, self.weight, self.variance_epsilon)
 
     return forward
 
@@ -733,9 +742,10 @@ def fused_rotary(original: Callable[..., Any], kernel: Callable[..., tuple[torch
         plain = not args and not kwargs and all(_low_precision(t) for t in (q, k, cos, sin))
         if not plain or check.passed is False:  # position ids, another unsqueeze dimension, a traced call
             return original(q, k, cos, sin, *args, **kwargs)
-        reference = original(q, k, cos, sin) if check.passed is None else None
-        fused = kernel(q, k, cos, sin)
-        return fused if reference is None else check.settle(fused, reference)
+        if check.passed is None:
+            reference = original(q, k, cos, sin)  # before the kernel rotates q and k in place
+            return check.settle(partial(kernel, q, k, cos, sin), reference)
+        return kernel(q, k, cos, sin)
 
     return apply
 
