@@ -633,29 +633,36 @@ def matches(fused: torch.Tensor, reference: torch.Tensor) -> bool:
     return bool(error <= STAND_IN_TOLERANCE * torch.linalg.vector_norm(reference.float()))
 
 
-class FirstCallCheck:
-    """A stand-in's verdict from its first real call: whether it computes what the function it stands in for does
-    (`matches`). One that does not, or that fails on that call, keeps the original for good."""
+def checked_stand_in(
+    name: str, original: Callable[..., Any], fused: Callable[..., Any], plain: Callable[..., bool]
+) -> Callable[..., Any]:
+    """`original` computed by `fused` on the calls that `plain` accepts (positional arguments only). The first such
+    call computes both (the original first: a fused kernel may work in place) and keeps `fused` for good only if
+    its result `matches` the original's (a tensor or a tuple of tensors); one that differs or raises leaves the
+    original, for that call and every later one."""
+    passed: list[bool] = []
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.passed: bool | None = None
-
-    def settle(self, fused: Callable[[], Any], reference: Any) -> Any:
-        """`fused()` if it matches `reference` (a tensor or a tuple of tensors), else `reference`; decides
-        `passed`."""
+    def settle(args: tuple[Any, ...]) -> Any:
+        reference = original(*args)
         try:
-            result = fused()
+            result = fused(*args)
         except Exception as exc:  # a shape or dtype the kernel does not take: the original stays
-            log.info("%s: its fused stand-in failed (%s): kept as it is", self.name, exc)
-            self.passed = False
+            log.info("%s: its fused stand-in failed (%s): kept as it is", name, exc)
+            passed.append(False)
             return reference
         results = result if isinstance(result, tuple) else (result,)
         references = reference if isinstance(reference, tuple) else (reference,)
-        self.passed = len(results) == len(references) and all(map(matches, results, references))
-        if not self.passed:
-            log.info("%s computes something else than its fused stand-in: kept as it is", self.name)
-        return result if self.passed else reference
+        passed.append(len(results) == len(references) and all(map(matches, results, references)))
+        if not passed[0]:
+            log.info("%s computes something else than its fused stand-in: kept as it is", name)
+        return result if passed[0] else reference
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if kwargs or passed == [False] or not plain(*args):
+            return original(*args, **kwargs)
+        return fused(*args) if passed else settle(args)
+
+    return call
 
 
 def _low_precision(tensor: Any) -> bool:
@@ -701,18 +708,15 @@ def fused_rms_norm(
 ) -> Callable[..., torch.Tensor]:
     """A drop-in for one RMSNorm class's `forward`: `kernel(x, weight, eps)`, which normalizes in fp32 and casts to
     x's dtype once before the weight's product, as transformers' Llama-style norms do in seven passes. Checked on
-    its first real call against `original`."""
-    check = FirstCallCheck(original.__qualname__)
+    its first real call against `original` (`checked_stand_in`); a gate or other input keeps `original`."""
 
-    def forward(self: torch.nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or not _low_precision(hidden_states) or check.passed is False:  # a gate or other input
-            return original(self, hidden_states, *args, **kwargs)
-        if check.passed is None:
-            fused = partial(kernel, hidden_states, self.weight, self.variance_epsilon)
-            return check.settle(fused, original(self, hidden_states))
+    def fused(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         return kernel(hidden_states, self.weight, self.variance_epsilon)
 
-    return forward
+    def plain(self: torch.nn.Module, hidden_states: Any, *more: Any) -> bool:
+        return not more and _low_precision(hidden_states)
+
+    return checked_stand_in(original.__qualname__, original, fused, plain)
 
 
 def rotary_modules(model: torch.nn.Module) -> list[ModuleType]:
@@ -735,19 +739,13 @@ def liger_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 def fused_rotary(original: Callable[..., Any], kernel: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., Any]:
     """A drop-in for a modeling module's `apply_rotary_pos_emb(q, k, cos, sin)` computed by `kernel`. Checked on its
-    first real call against `original`."""
-    check = FirstCallCheck(f"{original.__module__}.apply_rotary_pos_emb")
+    first real call against `original` (`checked_stand_in`); position ids, another unsqueeze dimension or a traced
+    call keep `original`."""
 
-    def apply(q: Any, k: Any, cos: Any, sin: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        plain = not args and not kwargs and all(_low_precision(t) for t in (q, k, cos, sin))
-        if not plain or check.passed is False:  # position ids, another unsqueeze dimension, a traced call
-            return original(q, k, cos, sin, *args, **kwargs)
-        if check.passed is None:
-            reference = original(q, k, cos, sin)  # before the kernel rotates q and k in place
-            return check.settle(partial(kernel, q, k, cos, sin), reference)
-        return kernel(q, k, cos, sin)
+    def plain(*args: Any) -> bool:
+        return len(args) == 4 and all(_low_precision(t) for t in args)
 
-    return apply
+    return checked_stand_in(f"{original.__module__}.apply_rotary_pos_emb", original, kernel, plain)
 
 
 @contextmanager
