@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 17's mixed-length comparison on a warm machine (docs/BENCHMARKS.md): GPTQ on the 8B shape through
+# `qpipe run`, calibrating on the bundled corpus (texts of 25-283 tokens). Runs, in this order:
+#   w        packed (35 x 512 = 17,920 tokens) and tuned: the warm-up, which compiles the Triton kernels
+#   p1       the same again: what a machine pays from its second run on
+#   off      `tuning: off`, one text per sample: llm-compressor's defaults on the same texts
+#   offpack  packed with `tuning: off`: the same tokens as p1 without the tuned engine
+#   kl       KL of p1's and offpack's artifacts against the checkpoint (before p2 overwrites p1's directory)
+#   p2       packed and tuned once more
+#   pytest   the GPU tests of the liger-kernel stand-ins
+# SHORT=1 keeps w (without export), p1 and off (without export): about 260 s instead of about 400 s.
+# On the device machine, carrying .whl/main and .carry (see bench/gpu-e2e.sh): `bash bench/mixed-length.sh`;
+# everything lands in $OUT/all.tgz (re-written after each step, so a run cut short keeps what it finished).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+O=$OUT
+export OUT=/tmp/o
+mkdir -p $OUT
+snap() { tar czf "$O/all.tgz" -C /tmp o; }
+R=/tmp/qpipe-e2e
+{ nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; date -u; } >$OUT/gpus.txt 2>&1
+timeout 150 bash bench/gpu-e2e.sh setup >$OUT/setup.log 2>&1
+snap
+export PYTHONPYCACHEPREFIX=$R/pycache HF_HUB_OFFLINE=1
+P="--set calibrate.pack=true --set calibrate.num_samples=35"
+run() {  # TAG ARGS TIMEOUT STEPS
+  RUN_TAG=$1 RUN_ARGS="$2 --force" timeout "$3" bash bench/gpu-e2e.sh run gptq "$4" >"$OUT/$1.log" 2>&1
+  snap
+}
+if [ "${SHORT:-0}" = 1 ]; then
+  run w "$P" 60 calibrate,quantize
+  run p1 "$P" 60 calibrate,quantize,export
+  run off "--set quantize.tuning=off" 100 calibrate,quantize
+else
+  run w "$P" 70 calibrate,quantize,export
+  run p1 "$P" 60 calibrate,quantize,export
+  run off "--set quantize.tuning=off" 110 calibrate,quantize,export
+  run offpack "$P --set quantize.tuning=off" 110 calibrate,quantize,export
+  timeout 90 bash bench/gpu-e2e.sh kl p1,offpack >$OUT/kl.log 2>&1
+  snap
+  run p2 "$P" 60 calibrate,quantize,export
+  PYTHONPATH=. timeout 90 $R/qenv/bin/python -m pytest -q -p no:cacheprovider tests/test_tuning.py \
+    -k "liger or rotary or norm" >$OUT/pytest.log 2>&1
+fi
+date -u >>$OUT/gpus.txt
+snap
