@@ -13,12 +13,8 @@
 # everything lands in $OUT/all.tgz (re-written after each step, so a run cut short keeps what it finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-O=$OUT
-export OUT=/tmp/o
-mkdir -p $OUT
-snap() { tar czf "$O/all.tgz" -C /tmp o; }
-R=/tmp/qpipe-e2e
-{ nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; date -u; } >$OUT/gpus.txt 2>&1
+# shellcheck source=bench/device-steps.sh
+source bench/device-steps.sh
 timeout 150 bash bench/gpu-e2e.sh setup >$OUT/setup.log 2>&1
 snap
 export PYTHONPYCACHEPREFIX=$R/pycache HF_HUB_OFFLINE=1
@@ -42,5 +38,4 @@ else
   PYTHONPATH=. timeout 90 $R/qenv/bin/python -m pytest -q -p no:cacheprovider tests/test_tuning.py \
     -k "liger or rotary or norm" >$OUT/pytest.log 2>&1
 fi
-date -u >>$OUT/gpus.txt
-snap
+finish

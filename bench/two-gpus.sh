@@ -11,12 +11,8 @@
 # everything lands in $OUT/all.tgz (re-written after each step, so a run cut short keeps what it finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-O=$OUT
-export OUT=/tmp/o
-mkdir -p $OUT
-snap() { tar czf "$O/all.tgz" -C /tmp o; }
-R=/tmp/qpipe-e2e
-{ nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; date -u; } >$OUT/gpus.txt 2>&1
+# shellcheck source=bench/device-steps.sh
+source bench/device-steps.sh
 timeout 220 bash bench/gpu-e2e.sh setup corpus >$OUT/setup.log 2>&1
 snap
 P="--set calibrate.pack=true --set calibrate.num_samples=128"
@@ -41,5 +37,4 @@ for pair in "g1b g2" "a1b a2"; do
   # shellcheck disable=SC2086
   timeout 60 bash bench/gpu-e2e.sh int4 $pair >>$OUT/int4.log 2>&1
 done
-date -u >>$OUT/gpus.txt
-snap
+finish
