@@ -17,25 +17,23 @@ cd "$(dirname "$0")/.."
 source bench/device-steps.sh
 timeout 150 bash bench/gpu-e2e.sh setup >$OUT/setup.log 2>&1
 snap
-export PYTHONPYCACHEPREFIX=$R/pycache HF_HUB_OFFLINE=1
 P="--set calibrate.pack=true --set calibrate.num_samples=35"
-run() {  # TAG ARGS TIMEOUT STEPS
-  RUN_TAG=$1 RUN_ARGS="$2 --force" timeout "$3" bash bench/gpu-e2e.sh run gptq "$4" >"$OUT/$1.log" 2>&1
+STEPS=calibrate,quantize,export
+[ "${SHORT:-0}" = 1 ] && STEPS=calibrate,quantize
+run() {  # TAG ARGS TIMEOUT
+  RUN_TAG=$1 RUN_ARGS="$2 --force" timeout "$3" bash bench/gpu-e2e.sh run gptq "$STEPS" >"$OUT/$1.log" 2>&1
   snap
 }
-if [ "${SHORT:-0}" = 1 ]; then
-  run w "$P" 60 calibrate,quantize
-  run p1 "$P" 60 calibrate,quantize
-  run off "--set quantize.tuning=off" 100 calibrate,quantize
-else
-  run w "$P" 70 calibrate,quantize,export
-  run p1 "$P" 60 calibrate,quantize,export
-  run off "--set quantize.tuning=off" 110 calibrate,quantize,export
-  run offpack "$P --set quantize.tuning=off" 110 calibrate,quantize,export
+run w "$P" 70
+run p1 "$P" 60
+run off "--set quantize.tuning=off" 110
+if [ "${SHORT:-0}" != 1 ]; then
+  run offpack "$P --set quantize.tuning=off" 110
   timeout 90 bash bench/gpu-e2e.sh kl p1,offpack >$OUT/kl.log 2>&1
   snap
-  run p2 "$P" 60 calibrate,quantize,export
-  PYTHONPATH=. timeout 90 $R/qenv/bin/python -m pytest -q -p no:cacheprovider tests/test_tuning.py \
-    -k "liger or rotary or norm" >$OUT/pytest.log 2>&1
+  run p2 "$P" 60
+  # outside gpu-e2e.sh, which sets these for its own commands
+  PYTHONPYCACHEPREFIX=$R/pycache HF_HUB_OFFLINE=1 PYTHONPATH=. timeout 90 $R/qenv/bin/python -m pytest -q \
+    -p no:cacheprovider tests/test_tuning.py -k "liger or rotary or norm" >$OUT/pytest.log 2>&1
 fi
 finish
