@@ -3,7 +3,8 @@
 # call's own $OUT/all.tgz, so a call cut short at its time limit still brings back every step it finished.
 O=$OUT
 export OUT=/tmp/o
-R=/tmp/qpipe-e2e
+export QPIPE_E2E_ROOT=${QPIPE_E2E_ROOT:-/tmp/qpipe-e2e}  # gpu-e2e.sh's ROOT, named once for both
+R=$QPIPE_E2E_ROOT
 mkdir -p "$OUT"
 snap() { tar czf "$O/all.tgz" -C /tmp o; }
 finish() {

@@ -18,6 +18,7 @@
 #                                             the share of equal codes (pipeline/bench/int4.py) into $OUT
 #   bash bench/gpu-e2e.sh serve R1,R2,...     qpipe bench serve on those recipes' artifacts (and the base
 #                                             checkpoint unless SERVE_ARGS has --no-base); figures into $OUT
+#   bash bench/gpu-e2e.sh pytest FILE EXPR    pytest FILE -k EXPR in the main env (the tests that need a GPU)
 #   bash bench/gpu-e2e.sh bench               qpipe bench $BENCH_ARGS (e.g. "--methods awq --modes default tuned
 #                                             --quality") in the main env; its JSON into $OUT
 # Several subcommands may follow each other in one call: `bash bench/gpu-e2e.sh setup run gptq calibrate,...,eval`.
@@ -176,6 +177,10 @@ serve() {
   echo "qpipe bench serve $recipes exit $status"
 }
 
+gpu_pytest() {  # FILE EXPR
+  timed "$QENV/bin/python" -m pytest -q -p no:cacheprovider "$1" -k "$2"
+}
+
 bench() {
   mkdir -p "$OUT"
   # shellcheck disable=SC2086
@@ -187,6 +192,7 @@ while [ $# -gt 0 ]; do
     qenv | setup | corpus | piece | vllm | bench) "$1"; shift ;;
     int4) int4 "$2" "$3"; shift 3 ;;
     kl) kl "$2"; shift 2 ;;
+    pytest) gpu_pytest "$2" "$3"; shift 3 ;;
     serve) serve "$2"; shift 2 ;;
     run)
       # STEPS is a comma list of stage names; anything else is the next subcommand

@@ -36,8 +36,6 @@ if [ "${SHORT:-0}" != 1 ]; then
   timeout 90 bash bench/gpu-e2e.sh kl p1,offpack >$OUT/kl.log 2>&1
   snap
   run p2 "$P" 60
-  # outside gpu-e2e.sh, which sets these for its own commands
-  PYTHONPYCACHEPREFIX=$R/pycache HF_HUB_OFFLINE=1 PYTHONPATH=. timeout 90 $R/qenv/bin/python -m pytest -q \
-    -p no:cacheprovider tests/test_tuning.py -k "liger or rotary or norm" >$OUT/pytest.log 2>&1
+  timeout 90 bash bench/gpu-e2e.sh pytest tests/test_tuning.py "liger or rotary or norm" >$OUT/pytest.log 2>&1
 fi
 finish
